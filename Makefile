@@ -1,0 +1,25 @@
+# radfm_jax: the two commands are `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): requirements.txt requirements-test.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip==25.3
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m radfm_jax.demo --workdir=runs/demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Data: readers -> store (TensorStore zarr3 + manifest) -> Grain pipeline."""
