@@ -38,8 +38,14 @@ class Sample:
   images: list[ImageRef] = dataclasses.field(default_factory=list)
   split: str = "train"
   source: str = ""
-  # Labels and extras used by eval, e.g. {"closed": True, "choices": ["yes", "no"], "label": "yes",
-  # "image_dependent": True, "modality": "CT", "labels": [...], "diagnosis": "..."}.
+  # Labels and extras used by eval. Conventional keys (all optional):
+  #   closed: bool            the answer is one of `choices` (accuracy-scored)
+  #   choices: list[str]      e.g. ["yes", "no"] or the modality names
+  #   image_dependent: bool   the answer cannot be known from the text alone
+  #   modality: str           "CT" | "MR" | "X-ray" | ... ; dim: "2D" | "3D"
+  #   labels: list[str]       multi-label diagnosis ground truth
+  #   diagnosis: str          rationale diagnosis ground truth
+  #   subtask: str            finer task name, e.g. "vqa_open", "diagnosis_multilabel"
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def validate(self) -> None:
@@ -69,3 +75,11 @@ class Sample:
         "images": [{"key": k, "field": im.field, "char": im.char} for k, im in zip(keys, self.images)],
         "meta": dict(self.meta), "provenance": provenance,
     }
+
+
+@dataclasses.dataclass
+class RowError:
+  """An unreadable source row, yielded by adapters in place of a Sample so the build records it and goes on."""
+  source: str      # source file (relative to the source root)
+  row: int | str   # row index or id within it
+  reason: str
