@@ -15,7 +15,7 @@ A dimension not divisible by its mesh axes' size is replicated instead (noted by
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -115,18 +115,29 @@ def partition_specs(abstract_state: nnx.State, mesh: Mesh, rules=RULES) -> dict[
   return {"/".join(map(str, k)): v.get_value().spec for k, v in flat}
 
 
-def create_sharded(cfg_model, mesh: Mesh, seed: int = 0, rules=RULES) -> tuple[nnx.GraphDef, nnx.State]:
-  """Builds RadFM with every parameter created directly in its sharded layout (never whole on one
-  device): eval_shape for the abstract state, then jit(init, out_shardings=...)."""
-  from radfm_jax.models.radfm import RadFM  # local: sharding has no model dependency at import
+def abstract_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
+  """`nnx.eval_shape(make)` whose params are `jax.ShapeDtypeStruct`s carrying their NamedSharding
+  (restore targets; no allocation)."""
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  shardings = state_shardings(state, mesh, rules)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+  return nnx.merge(graphdef, state)
 
-  def init():
-    return nnx.split(RadFM(cfg_model, rngs=nnx.Rngs(seed)))[1]
 
-  abstract = nnx.eval_shape(lambda: RadFM(cfg_model, rngs=nnx.Rngs(seed)))
-  graphdef, abs_state = nnx.split(abstract)
+def create_sharded(cfg_model, mesh: Mesh, seed: int = 0, rules=RULES, model_cls: Callable | None = None,
+                   ) -> tuple[nnx.GraphDef, nnx.State]:
+  """Builds the model (RadFM unless `model_cls`, e.g. Llama) with every parameter created directly in
+  its sharded layout (never whole on one device): eval_shape for the abstract state, then
+  jit(init, out_shardings=...)."""
+  if model_cls is None:
+    from radfm_jax.models.radfm import RadFM as model_cls  # local: no model import at module load
+
+  def make():
+    return model_cls(cfg_model, rngs=nnx.Rngs(seed))
+
+  graphdef, abs_state = nnx.split(nnx.eval_shape(make))
   shardings = state_shardings(abs_state, mesh, rules)
-  state = jax.jit(init, out_shardings=shardings)()
+  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
   return graphdef, state
 
 

@@ -103,7 +103,7 @@ class Llama(nnx.Module):
     self.lm_head = layers.Dense(c.hidden, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
                                 kernel_init=nnx.initializers.normal(0.02))
-    self.cfg = c
+    self.cfg = cfg  # the model config (sizes under cfg.lm)
     self.vocab_size = cfg.vocab_size
     self.remat, self.scan = cfg.remat, cfg.scan_layers
     self.dtype = layers.dtype_of(cfg.dtype)
@@ -134,7 +134,7 @@ class Llama(nnx.Module):
     return self._head(x)
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
-    c = self.cfg
+    c = self.cfg.lm
     shape = (c.layers, batch, length, c.kv_heads, c.head_dim)
     dtype = dtype or self.dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32),

@@ -1,0 +1,201 @@
+"""Jitted KV-cache decoding for RadFM (batched, left-padded prompts) and a CLI.
+
+  python -m radfm_jax.generate --checkpoint=DIR --token_ids=1,17,42 --max_new_tokens=24
+  -> {"ids": [...]}   (generated ids, up to and including eos)
+
+One jit holds the prefill (images encoded once, prompt written to a fixed-shape cache of
+P + max_new_tokens slots) and a `lax.while_loop` of single-token steps that stops when every row has
+emitted `eos_id` or after `max_new_tokens`. Prompts are LEFT-padded (`prompt_mask` False on the left);
+positions count real tokens only and padded slots are masked, so a row's output does not depend on the
+other rows or on its padding. Greedy when temperature == 0; otherwise temperature / top-k / top-p
+sampling. eos defaults to 2 (the id RadFM was trained to stop on; its shipped config says 1, a bug).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from radfm_jax.models import radfm as radfm_lib
+from radfm_jax.models.llama import Llama
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Next token ids [B] from logits [B, V]: argmax when temperature == 0, else a sample from the
+  temperature-scaled distribution restricted to the top_k ids (0 = all) and the top_p nucleus."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  neg = jnp.finfo(jnp.float32).min
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    srt = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly above each sorted id
+    keep = before < top_p                                 # always keeps the most likely id
+    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < thresh, neg, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id",
+                                             "temperature", "top_k", "top_p"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, *, max_new_tokens,
+              eos_id, pad_id, temperature, top_k, top_p):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_ids.shape
+  if isinstance(model, Llama):  # LM-only model: text prompts
+    lm, embeds = model, model.embed(prompt_ids)
+  else:
+    lm = model.lm
+    image_embeds = None if images is None else model.encode_images(images, image_mask)
+    embeds = model.embed(prompt_ids, image_embeds)
+  seg = prompt_mask.astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  cache = lm.init_cache(b, p + max_new_tokens)
+  logits, cache = lm.decode(embeds, positions, seg, cache)
+  next_pos = seg.sum(axis=1)
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+  def cond(c):
+    i, _, _, _, done = c
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(c):
+    i, last, cache, out, done = c
+    key = None if rng is None else jax.random.fold_in(rng, i)
+    tok = sample_logits(last, key, temperature, top_k, top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+    done = done | (tok == eos_id)
+    logits, cache = lm.decode(lm.embed(tok[:, None]), (next_pos + i)[:, None],
+                              jnp.ones((b, 1), jnp.int32), cache)
+    return i + 1, logits[:, 0], cache, out, done
+
+  init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, jnp.zeros((b,), bool))
+  return jax.lax.while_loop(cond, body, init)[3]
+
+
+def _split(model_or_split: Any) -> tuple[nnx.GraphDef, nnx.State]:
+  if isinstance(model_or_split, nnx.Module):
+    return nnx.split(model_or_split)
+  graphdef, state = model_or_split
+  return graphdef, state
+
+
+def check_prompt(cfg, prompt_ids: np.ndarray, prompt_mask: np.ndarray, image_mask: Any,
+                 max_new_tokens: int, text_only: bool = False) -> None:
+  """Host-side checks with clear errors: shapes, left padding, non-empty rows, ids, length budget."""
+  if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+    raise ValueError(f"prompt_ids [B, P] and prompt_mask [B, P] expected, got {prompt_ids.shape} and "
+                     f"{prompt_mask.shape}")
+  m = prompt_mask.astype(bool)
+  if not m.any(axis=1).all():
+    raise ValueError(f"prompt rows {np.flatnonzero(~m.any(axis=1)).tolist()} have no tokens")
+  if (np.diff(m.astype(np.int8), axis=1) < 0).any():
+    raise ValueError("prompts must be LEFT-padded: prompt_mask must be False...False True...True per row")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if prompt_ids.shape[1] + max_new_tokens > cfg.lm.max_len:
+    raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                     f"cfg.lm.max_len={cfg.lm.max_len}")
+  ids = np.where(m, prompt_ids, 0)
+  if text_only and ((ids < 0) | (ids >= cfg.vocab_size)).any():
+    b, t = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))[0]
+    raise ValueError(f"prompt_ids[{b}, {t}] = {ids[b, t]} is outside the LM's vocabulary [0, {cfg.vocab_size})")
+  radfm_lib.check_token_ids(cfg, ids, image_mask, name="prompt_ids")
+
+
+def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, max_new_tokens: int,
+             eos_id: int = 2, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, rng: jax.Array | None = None) -> jax.Array:
+  """Decodes up to `max_new_tokens` per row -> int32 [B, max_new_tokens] (eos, then pad_id after it).
+
+  model: a RadFM (or LM-only Llama) module, or its (graphdef, state). prompt_ids [B, P] LEFT-padded, prompt_mask [B, P]
+  (True = real token); images [B, S, H, W, D, C] with image_mask [B, S], or None for text only.
+  Sampling (temperature > 0) needs `rng`.
+  """
+  graphdef, state = _split(model)
+  merged = nnx.merge(graphdef, state)  # cheap: no array copies
+  cfg, text_only = merged.cfg, isinstance(merged, Llama)
+  if text_only and images is not None:
+    raise ValueError("an LM-only model (Llama) takes no images")
+  prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+  if images is not None and image_mask is None:
+    image_mask = np.ones(np.shape(images)[:2], bool)
+  check_prompt(cfg, prompt_ids, prompt_mask, None if image_mask is None else np.asarray(image_mask),
+               max_new_tokens, text_only)
+  if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+    raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+  if temperature > 0 and rng is None:
+    raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+  return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
+                   None if images is None else jnp.asarray(images),
+                   None if image_mask is None else jnp.asarray(image_mask, bool),
+                   rng if temperature > 0 else None, max_new_tokens=int(max_new_tokens),
+                   eos_id=int(eos_id), pad_id=int(pad_id), temperature=float(temperature),
+                   top_k=int(top_k), top_p=float(top_p))
+
+
+def trim(ids: np.ndarray, eos_id: int = 2) -> list[list[int]]:
+  """Per row: the generated ids up to and including the first eos."""
+  out = []
+  for row in np.asarray(ids).tolist():
+    out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+  return out
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "checkpoint directory (records its model config)")
+  flags.DEFINE_string("token_ids", None, "comma-separated prompt token ids, e.g. 1,17,42")
+  flags.DEFINE_integer("max_new_tokens", 24, "tokens to generate at most")
+  flags.DEFINE_integer("eos_id", 2, "stop id")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+  flags.DEFINE_integer("top_k", 0, "sample among the k most likely ids (0 = all)")
+  flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  return flags.FLAGS
+
+
+def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+  """(prompt_ids [1, P], prompt_mask, images or None, image_mask or None) from the CLI flags.
+  Text prompts (--prompt) and images (--image) slot in here."""
+  if not flags_.token_ids:
+    raise ValueError("--token_ids is required (comma-separated ints)")
+  try:
+    ids = [int(t) for t in flags_.token_ids.split(",") if t.strip()]
+  except ValueError as e:
+    raise ValueError(f"--token_ids={flags_.token_ids!r} must be comma-separated integers") from e
+  prompt = np.asarray([ids], np.int32)
+  return prompt, np.ones_like(prompt, bool), None, None
+
+
+def main(argv):
+  del argv
+  from radfm_jax import checkpoint  # CONVERT's loader
+  flags_ = FLAGS
+  if not flags_.checkpoint:
+    raise ValueError("--checkpoint is required")
+  model, cfg = checkpoint.load_model(flags_.checkpoint)
+  model_cfg = cfg.model if "model" in cfg else cfg
+  prompt, mask, images, image_mask = build_inputs(model_cfg, flags_)
+  out = generate(model, prompt, mask, images, image_mask, max_new_tokens=flags_.max_new_tokens,
+                 eos_id=flags_.eos_id, temperature=flags_.temperature, top_k=flags_.top_k,
+                 top_p=flags_.top_p, rng=jax.random.key(flags_.seed))
+  print(json.dumps({"ids": trim(np.asarray(out), flags_.eos_id)[0]}))
+
+
+if __name__ == "__main__":
+  from absl import app
+  FLAGS = _define_flags()
+  app.run(main)
