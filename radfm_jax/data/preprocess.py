@@ -1,0 +1,203 @@
+"""Image preprocessing shared by training, evaluation and generation: intensity to [0,1], resize, 3 channels.
+
+One function, `prepare_sample`, turns a sample's stored volumes (native dtype, `[H, W, D, C]`, 2D images
+with D = 1) into the model input `float32 [S, H, W, D, 3]` in [0, 1], channels last. Training passes an
+rng (random resized crop); evaluation and generation pass none and get a deterministic result.
+
+Grids (all from the data config, RadFM defaults in brackets):
+- 2D images: `image_hw_2d` [512x512], repeated along depth to `depth_2d` [4].
+- 3D volumes: `image_hw_3d` [256x256] x the depth bucket nearest to the native depth, from
+  `depth_buckets` [4, 8, ..., 64]. A sample's images share one grid: the largest depth bucket of its 3D
+  volumes (a 2D image in a 3D sample is repeated to that depth).
+Intensity (`intensity`):
+- "radfm": uint8 images / 255 (RadFM's ToTensor), everything else min-max over the whole volume.
+- "minmax": min-max over the whole volume; a constant volume becomes 0.
+- "window:NAME" or "window:CENTER,WIDTH": a CT window for volumes in Hounsfield units (others fall back
+  to min-max). Names: see CT_WINDOWS.
+Resizing: nearest for 3D (RadFM, torch `interpolate` semantics) and cubic for 2D by default
+(`interpolation_3d`, `interpolation_2d`: nearest | linear | cubic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+CT_WINDOWS = {  # name: (center, width) in HU
+    "brain": (40.0, 80.0), "subdural": (75.0, 215.0), "soft_tissue": (40.0, 400.0),
+    "mediastinum": (50.0, 350.0), "liver": (60.0, 160.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0),
+}
+_ORDERS = {"nearest": 0, "linear": 1, "cubic": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+  """The preprocessing settings (fields of the data config, see configs/common_data.py)."""
+  image_hw_2d: tuple[int, int] = (512, 512)
+  depth_2d: int = 4
+  image_hw_3d: tuple[int, int] = (256, 256)
+  depth_buckets: tuple[int, ...] = tuple(range(4, 65, 4))
+  intensity: str = "radfm"
+  interpolation_2d: str = "cubic"
+  interpolation_3d: str = "nearest"
+  crop_scale: tuple[float, float] = (0.8, 1.0)   # train-time random resized crop, area fraction
+  crop_3d: bool = False                          # RadFM crops 2D images only
+
+  def __post_init__(self):
+    if not self.depth_buckets or sorted(self.depth_buckets) != list(self.depth_buckets):
+      raise ValueError(f"depth_buckets {self.depth_buckets} must be a non-empty increasing list")
+    for name in ("interpolation_2d", "interpolation_3d"):
+      if getattr(self, name) not in _ORDERS:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {tuple(_ORDERS)}")
+    _window(self.intensity)  # validates
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> ImageSpec:
+    """Builds the spec from a data ConfigDict (or dict); missing fields keep RadFM's defaults."""
+    kw = {}
+    for f in dataclasses.fields(cls):
+      if f.name in cfg:
+        v = cfg[f.name]
+        kw[f.name] = tuple(v) if isinstance(v, (list, tuple)) else v
+    return cls(**kw)
+
+  @property
+  def grid_2d(self) -> tuple[int, int, int]:
+    return (*self.image_hw_2d, self.depth_2d)
+
+
+def _window(intensity: str) -> tuple[float, float] | None:
+  if intensity in ("radfm", "minmax"):
+    return None
+  if intensity.startswith("window:"):
+    arg = intensity[len("window:"):]
+    if arg in CT_WINDOWS:
+      return CT_WINDOWS[arg]
+    try:
+      center, width = (float(x) for x in arg.split(","))
+    except ValueError:
+      center = width = None
+    if width is not None and width > 0:
+      return center, width
+  raise ValueError(f"intensity {intensity!r}: expected radfm | minmax | window:NAME (one of "
+                   f"{sorted(CT_WINDOWS)}) | window:CENTER,WIDTH")
+
+
+def is_2d(shape: Sequence[int], meta: Mapping[str, Any] | None = None) -> bool:
+  """A stored volume is 2D when its meta says so or its depth is 1."""
+  if meta and "is_2d" in meta:
+    return bool(meta["is_2d"])
+  return int(shape[2]) == 1
+
+
+def depth_bucket(depth: int, spec: ImageSpec) -> int:
+  """The configured depth nearest to `depth` (ties go to the larger)."""
+  return min(spec.depth_buckets, key=lambda b: (abs(b - depth), -b))
+
+
+def sample_grid(shapes: Sequence[Sequence[int]], metas: Sequence[Mapping[str, Any] | None],
+                spec: ImageSpec) -> tuple[int, int, int]:
+  """The (H, W, D) grid every image of a sample is resized to (2D grid when it has no 3D volume)."""
+  depths = [depth_bucket(int(s[2]), spec) for s, m in zip(shapes, metas) if not is_2d(s, m)]
+  if not depths:
+    return spec.grid_2d
+  return (*spec.image_hw_3d, max(depths))
+
+
+def intensity_range(volume: np.ndarray, meta: Mapping[str, Any] | None, intensity: str) -> tuple[float, float]:
+  """(lo, hi) such that (x - lo) / (hi - lo), clipped, is the [0, 1] image."""
+  meta = meta or {}
+  window = _window(intensity)
+  if window is not None and meta.get("unit") == "HU":
+    center, width = window
+    return center - width / 2, center + width / 2
+  if intensity == "radfm" and (meta.get("unit") == "uint8" or volume.dtype == np.uint8):
+    return 0.0, 255.0
+  return float(volume.min()), float(volume.max())
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """torch.nn.functional.interpolate(mode="nearest") source indices."""
+  return np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def resize(volume: np.ndarray, out_hwd: Sequence[int], method: str) -> np.ndarray:
+  """Resizes [H, W, D, C] to [*out_hwd, C]. Nearest keeps the dtype; linear/cubic return float32."""
+  h, w, d = (int(x) for x in out_hwd)
+  if volume.shape[:3] == (h, w, d):
+    return volume
+  if method == "nearest":
+    out = volume
+    for axis, n in enumerate((h, w, d)):
+      if out.shape[axis] != n:
+        out = np.take(out, _nearest_index(out.shape[axis], n), axis=axis)
+    return out
+  zoom = [n / s for n, s in zip((h, w, d), volume.shape[:3])] + [1.0]
+  out = ndimage.zoom(volume.astype(np.float32), zoom, order=_ORDERS[method], mode="nearest", grid_mode=True)
+  if out.shape[:3] != (h, w, d):  # scipy rounds the output shape; fix an off-by-one by edge padding/cropping
+    out = out[:h, :w, :d]
+    pad = [(0, n - s) for n, s in zip((h, w, d), out.shape[:3])] + [(0, 0)]
+    out = np.pad(out, pad, mode="edge")
+  return out
+
+
+def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float],
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """(top, left, height, width) of a random resized crop (torchvision's RandomResizedCrop rule)."""
+  area = h * w
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  return 0, 0, h, w
+
+
+def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: ImageSpec,
+                  grid: Sequence[int], *, rng: np.random.Generator | None = None,
+                  name: str = "volume") -> np.ndarray:
+  """One stored volume [H, W, D, C] -> float32 [*grid, 3] in [0, 1]. `rng` only in training."""
+  vol = np.asarray(volume)
+  if vol.ndim != 4 or vol.size == 0:
+    raise ValueError(f"{name}: expected a non-empty [H, W, D, C] array, got shape {vol.shape}")
+  if vol.shape[3] not in (1, 3, 4):
+    raise ValueError(f"{name}: {vol.shape[3]} channels; expected 1 (grayscale), 3 (RGB) or 4 (RGBA)")
+  if vol.shape[3] == 4:
+    vol = vol[..., :3]
+  if np.issubdtype(vol.dtype, np.floating) and not np.all(np.isfinite(vol)):
+    raise ValueError(f"{name}: contains NaN or infinite values")
+  flat = is_2d(vol.shape, meta)
+  lo, hi = intensity_range(vol, meta, spec.intensity)
+  if rng is not None and (flat or spec.crop_3d) and spec.crop_scale != (1.0, 1.0):
+    top, left, ch, cw = random_crop_box(vol.shape[0], vol.shape[1], rng, spec.crop_scale)
+    vol = vol[top:top + ch, left:left + cw]
+  h, w, d = grid
+  method = spec.interpolation_2d if flat else spec.interpolation_3d
+  vol = resize(vol, (h, w, 1 if flat else d), method)
+  out = vol.astype(np.float32)
+  out -= np.float32(lo)
+  out *= np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+  np.clip(out, 0.0, 1.0, out=out)
+  if flat and d != 1:
+    out = np.repeat(out, d, axis=2)
+  if out.shape[3] == 1:
+    out = np.repeat(out, 3, axis=3)
+  return out
+
+
+def prepare_sample(volumes: Sequence[np.ndarray], metas: Sequence[Mapping[str, Any] | None],
+                   spec: ImageSpec, *, rng: np.random.Generator | None = None,
+                   names: Sequence[str] | None = None,
+                   grid: Sequence[int] | None = None) -> np.ndarray:
+  """A sample's volumes -> float32 [S, H, W, D, 3] on the sample's grid (or the `grid` given)."""
+  if grid is None:
+    grid = sample_grid([v.shape for v in volumes], metas, spec)
+  names = names or [f"image {i}" for i in range(len(volumes))]
+  out = np.zeros((len(volumes), *grid, 3), np.float32)
+  for i, (vol, meta) in enumerate(zip(volumes, metas)):
+    out[i] = prepare_image(vol, meta, spec, grid, rng=rng, name=names[i])
+  return out
