@@ -1,0 +1,328 @@
+"""Self-describing parameter checkpoints: the params plus the config, so tools need only the path.
+
+Layout of a checkpoint directory:
+  CKPT/params/           Orbax (StandardCheckpointer, OCDBT) of the model's `nnx.Param`s as a pure dict
+  CKPT/radfm_jax.json    {"format", "model_class", "config" (the full ConfigDict), "tokenizer", "params",
+                          "extra"} — written last, so its presence marks a complete checkpoint
+  CKPT/tokenizer.model   a copy of the SentencePiece model when the config names one
+
+`model_class` is "radfm" (`radfm_jax.models.radfm.RadFM`) or "llama" (`radfm_jax.models.llama.Llama`,
+the LM alone, e.g. imported from Hugging Face). Both are built from `cfg.model`.
+
+LM-only checkpoints: `load_model` returns a `Llama`. To start a RadFM from one (vision tower and
+resampler freshly initialised, e.g. MedLLaMA before stage-1 training), build the RadFM and call
+`restore_params(CKPT, model.lm)`, which fills the LM in place with the shardings it already has.
+
+Tokenizer: a config field named `tokenizer`, `tokenizer_path` or `tokenizer_model` (at any depth) that
+names an existing file is copied into the checkpoint with its sha256; `load_config` points that field at
+the copy (the original path is kept under "tokenizer" in radfm_jax.json).
+
+Restoring is always against an abstract state carrying the *current* mesh's shardings (from
+`radfm_jax.sharding`), so each device reads only its shards and a checkpoint written on one mesh
+restores onto another. `dtype` casts parameters while restoring (e.g. bfloat16 for inference).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+FORMAT = "radfm_jax.params/1"
+META_FILE = "radfm_jax.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FIELDS = ("tokenizer", "tokenizer_path", "tokenizer_model")
+
+
+def model_classes() -> dict[str, Callable[..., nnx.Module]]:
+  """Registry of checkpointable model classes (each built as `cls(cfg.model, rngs=...)`)."""
+  from radfm_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
+  from radfm_jax.models.radfm import RadFM  # pylint: disable=g-import-not-at-top
+  return {"radfm": RadFM, "llama": Llama}
+
+
+def class_name_of(model: nnx.Module) -> str:
+  for name, cls in model_classes().items():
+    if type(model) is cls:  # pylint: disable=unidiomatic-typecheck
+      return name
+  raise ValueError(f"cannot checkpoint a {type(model).__name__}: known classes {sorted(model_classes())}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure-dict helpers
+
+
+def flat_to_nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  out: dict[str, Any] = {}
+  for path, v in flat.items():
+    *head, leaf = path.split("/")
+    d = out
+    for k in head:
+      d = d.setdefault(k, {})
+    d[leaf] = v
+  return out
+
+
+def nested_to_flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    p = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(nested_to_flat(v, p + "/"))
+    else:
+      out[p] = v
+  return out
+
+
+def param_dict(model_or_state: Any) -> dict[str, Any]:
+  """The params of an nnx.Module / nnx.State / nested or '/'-flat dict, as a nested pure dict."""
+  if isinstance(model_or_state, nnx.Module):
+    model_or_state = nnx.state(model_or_state, nnx.Param)
+  if isinstance(model_or_state, nnx.State):
+    return nnx.to_pure_dict(model_or_state)
+  if isinstance(model_or_state, Mapping):
+    if any("/" in k for k in model_or_state):
+      return flat_to_nested(model_or_state)
+    return dict(model_or_state)
+  raise TypeError(f"expected an nnx.Module, nnx.State or dict of params, got {type(model_or_state).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def _full_config(cfg: Any) -> ml_collections.ConfigDict:
+  """Accepts a full config (with a `model` section) or a bare model config."""
+  cfg = cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
+  if "model" not in cfg:
+    if "lm" not in cfg:
+      raise ValueError("config has neither a `model` section nor model fields (`lm`, `vision`, ...)")
+    cfg = ml_collections.ConfigDict({"model": cfg})
+  return cfg
+
+
+def _find_tokenizer(cfg: ml_collections.ConfigDict, prefix: str = "") -> tuple[str, str] | None:
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      found = _find_tokenizer(v, f"{prefix}{k}.")
+      if found:
+        return found
+    elif k in TOKENIZER_FIELDS and isinstance(v, str) and v and os.path.isfile(v):
+      return f"{prefix}{k}", v
+  return None
+
+
+def _set_field(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *head, leaf = dotted.split(".")
+  for k in head:
+    cfg = cfg[k]
+  cfg[leaf] = value
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as fh:
+    for block in iter(lambda: fh.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def read_meta(ckpt_dir: str) -> dict[str, Any]:
+  path = os.path.join(ckpt_dir, META_FILE)
+  if not os.path.exists(path):
+    what = "an unfinished save or not a radfm_jax params checkpoint" if os.path.isdir(ckpt_dir) else "no such directory"
+    raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE} ({what})")
+  with open(path) as fh:
+    meta = json.load(fh)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta
+
+
+def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
+  """The full config the checkpoint was saved with (tokenizer field pointed at the checkpoint's copy)."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  meta = read_meta(ckpt_dir)
+  cfg = ml_collections.ConfigDict(meta["config"])
+  tok = meta.get("tokenizer")
+  if tok:
+    copy = os.path.join(ckpt_dir, tok["file"])
+    if not os.path.isfile(copy):
+      raise FileNotFoundError(f"{ckpt_dir}: tokenizer copy {tok['file']} is missing")
+    _set_field(cfg, tok["field"], copy)
+  return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Save
+
+
+def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str | None = None,
+               extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes params + config to `ckpt_dir`; returns its absolute path.
+
+  Args:
+    ckpt_dir: destination (must not exist unless overwrite).
+    model_or_state: an nnx.Module, an nnx.State of params, or a (nested or '/'-flat) dict of arrays.
+    cfg: the full config (`cfg.model` builds the model) or a bare model config.
+    model_class: "radfm" | "llama"; inferred from a module, else from the tree ("vision" -> radfm).
+    extra: JSON-able provenance recorded in radfm_jax.json (e.g. the conversion source).
+  """
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  cfg = _full_config(cfg)
+  params = param_dict(model_or_state)
+  if model_class is None:
+    if isinstance(model_or_state, nnx.Module):
+      model_class = class_name_of(model_or_state)
+    else:
+      model_class = "radfm" if "vision" in params else "llama"
+  if model_class not in model_classes():
+    raise ValueError(f"model_class={model_class!r}; expected one of {sorted(model_classes())}")
+  if os.path.exists(ckpt_dir):
+    if not overwrite:
+      raise FileExistsError(f"{ckpt_dir} exists (pass overwrite=True to replace it)")
+    if jax.process_index() == 0:
+      shutil.rmtree(ckpt_dir)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(ckpt_dir, PARAMS_DIR), params)
+  ckptr.wait_until_finished()
+  ckptr.close()
+
+  flat = nested_to_flat(params)
+  meta = {
+      "format": FORMAT,
+      "model_class": model_class,
+      "config": json.loads(cfg.to_json_best_effort()),
+      "tokenizer": None,
+      "params": {"count": int(sum(int(np.prod(np.shape(x))) for x in flat.values())),
+                 "dtypes": sorted({str(x.dtype) for x in flat.values()})},
+      "extra": dict(extra or {}),
+  }
+  if jax.process_index() == 0:
+    found = _find_tokenizer(cfg)
+    if found:
+      field, path = found
+      shutil.copyfile(path, os.path.join(ckpt_dir, TOKENIZER_FILE))
+      meta["tokenizer"] = {"field": field, "source_path": os.path.abspath(path),
+                           "sha256": sha256_file(path), "file": TOKENIZER_FILE}
+    tmp = os.path.join(ckpt_dir, META_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+      json.dump(meta, fh, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(ckpt_dir, META_FILE))
+  return ckpt_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Load
+
+
+def abstract_model(cfg: Any, model_class: str = "radfm", mesh: jax.sharding.Mesh | None = None,
+                   ) -> nnx.Module:
+  """The model with `jax.ShapeDtypeStruct` params (no allocation), carrying `mesh`'s shardings."""
+  cfg = _full_config(cfg)
+  cls = model_classes()[model_class]
+  if mesh is None:
+    return nnx.eval_shape(lambda: cls(cfg.model, rngs=nnx.Rngs(0)))
+  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.abstract_sharded(lambda: cls(cfg.model, rngs=nnx.Rngs(0)), mesh)
+
+
+def param_metadata(ckpt_dir: str) -> dict[str, Any]:
+  """{'a/b/kernel': orbax ArrayMetadata (.shape, .dtype)} of a checkpoint's params (reads no data)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(os.path.join(ckpt_dir, PARAMS_DIR)).item_metadata.tree
+  return nested_to_flat(tree)
+
+
+def read_params(ckpt_dir: str, paths: list[str]) -> dict[str, np.ndarray]:
+  """Some params of a checkpoint as host numpy arrays (partial restore: only these are read)."""
+  meta = param_metadata(ckpt_dir)
+  missing = [p for p in paths if p not in meta]
+  if missing:
+    raise KeyError(f"{ckpt_dir}: no parameter(s) {missing}")
+  item = flat_to_nested({p: np.zeros((), np.float32) for p in paths})
+  args = flat_to_nested({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    out = ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR),
+                        args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+  return nested_to_flat(out)
+
+
+def _restore_into(ckpt_dir: str, abstract_state: nnx.State) -> nnx.State:
+  """Restores the checkpoint's params against `abstract_state` (ShapeDtypeStruct with shardings)."""
+  target = nnx.to_pure_dict(abstract_state)
+  saved = param_metadata(ckpt_dir)
+  want = nested_to_flat(target)
+  missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+  if missing or unexpected:
+    raise ValueError(f"{ckpt_dir}: checkpoint params do not match the model: missing {missing[:10]}, "
+                     f"unexpected {unexpected[:10]}")
+  bad = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(want[k].shape)}"
+         for k in want if tuple(saved[k].shape) != tuple(want[k].shape)]
+  if bad:
+    raise ValueError(f"{ckpt_dir}: shape mismatch: {bad[:10]}")
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR), target)
+  nnx.replace_by_pure_dict(abstract_state, restored)
+  return abstract_state
+
+
+def load_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, dtype: Any = None, *,
+               model_class: str | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+  """(model, cfg) from a checkpoint.
+
+  Params are restored straight onto `mesh` by the sharding rules (each device reads its shards; default
+  device when mesh is None) and cast to `dtype` when given (cfg.model.param_dtype is updated to match).
+  `model_class="radfm"` on an LM-only ("llama") checkpoint builds a RadFM whose LM is the checkpoint's
+  and whose vision tower, resampler, fc and image markers are freshly initialised (seed cfg.seed).
+  """
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  meta = read_meta(ckpt_dir)
+  cfg = load_config(ckpt_dir)
+  if dtype is not None:
+    cfg.model.param_dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  saved_class = meta["model_class"]
+  model_class = model_class or saved_class
+  if model_class != saved_class:
+    if (saved_class, model_class) != ("llama", "radfm"):
+      raise ValueError(f"{ckpt_dir} holds a {saved_class!r} model; cannot load it as {model_class!r}")
+    return _radfm_from_lm(ckpt_dir, cfg, mesh), cfg
+  model = abstract_model(cfg, model_class, mesh)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"{type(model).__name__} holds non-parameter state {rest}; params-only checkpoints "
+                     "cannot restore it")
+  params = _restore_into(ckpt_dir, params)
+  return nnx.merge(graphdef, params, rest), cfg
+
+
+def _radfm_from_lm(ckpt_dir: str, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
+                   ) -> nnx.Module:
+  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from radfm_jax.models.radfm import RadFM  # pylint: disable=g-import-not-at-top
+  seed = int(cfg.get("seed", 0))
+  if mesh is None:
+    model = RadFM(cfg.model, rngs=nnx.Rngs(seed))
+  else:
+    model = nnx.merge(*sharding.create_sharded(cfg.model, mesh, seed))
+  restore_params(ckpt_dir, model.lm)
+  return model
+
+
+def restore_params(ckpt_dir: str, module: nnx.Module) -> nnx.Module:
+  """Overwrites `module`'s params in place with the checkpoint's, keeping each param's sharding and
+  dtype (e.g. an LM-only checkpoint into `radfm_model.lm`). Returns the module."""
+  state = nnx.state(module, nnx.Param)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+  nnx.update(module, _restore_into(os.path.abspath(ckpt_dir), abstract))
+  return module

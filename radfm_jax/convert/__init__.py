@@ -1,0 +1,15 @@
+"""Checkpoint import/export: Hugging Face LLaMA and RadFM's released torch file <-> our checkpoints.
+
+  python -m radfm_jax.convert --from=hf-llama --src=HF_DIR --dst=CKPT [--config=configs/radfm_13b.py]
+  python -m radfm_jax.convert --to=hf-llama --src=CKPT --dst=HF_DIR
+  python -m radfm_jax.convert --from=radfm-torch --src=pytorch_model.bin --config=configs/radfm_13b.py \
+      --dst=CKPT [--dtype=bfloat16]
+  python -m radfm_jax.convert --to=radfm-torch --src=CKPT --dst=radfm_torch.bin
+
+Modules: sources (lazy torch/safetensors readers), mapping (key tables and the tensor-by-tensor
+engine), hf_llama and radfm_torch (the two layouts), common (checkpoint glue and writers).
+"""
+from radfm_jax.convert.hf_llama import export_hf_llama, import_hf_llama
+from radfm_jax.convert.mapping import Layout, Report, Rule, export_params, import_params
+from radfm_jax.convert.radfm_torch import export_radfm_torch, import_radfm_torch, radfm_layout
+from radfm_jax.convert.sources import DictSource, open_source

@@ -1,0 +1,53 @@
+"""CLI: `python -m radfm_jax.convert --from=FORMAT | --to=FORMAT --src=... --dst=...` (see __init__)."""
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FORMATS = ("hf-llama", "radfm-torch")
+flags.DEFINE_enum("from", None, FORMATS, "import this format into our checkpoint at --dst")
+flags.DEFINE_enum("to", None, FORMATS, "export our checkpoint at --src to this format")
+flags.DEFINE_string("src", None, "source: HF model dir | RadFM pytorch_model.bin | our checkpoint dir")
+flags.DEFINE_string("dst", None, "destination: our checkpoint dir | HF model dir | torch .bin file")
+config_flags.DEFINE_config_file("config", None, "model config (required for --from=radfm-torch; "
+                                "for --from=hf-llama it supplies all but the LM, whose dims come from "
+                                "config.json)", lock_config=False)
+flags.DEFINE_string("dtype", None, "store parameters in this dtype (e.g. bfloat16); default: as config/source")
+flags.DEFINE_bool("overwrite", False, "replace an existing --dst checkpoint")
+flags.DEFINE_float("max_shard_gb", 5.0, "--to=hf-llama: safetensors shard size")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from radfm_jax import convert  # pylint: disable=g-import-not-at-top
+  src_fmt, dst_fmt = FLAGS["from"].value, FLAGS.to
+  if (src_fmt is None) == (dst_fmt is None):
+    raise app.UsageError("give exactly one of --from or --to")
+  if not FLAGS.src or not FLAGS.dst:
+    raise app.UsageError("--src and --dst are required")
+  cfg = FLAGS.config
+  if src_fmt == "hf-llama":
+    report = convert.import_hf_llama(FLAGS.src, FLAGS.dst, base_cfg=cfg, dtype=FLAGS.dtype,
+                                     overwrite=FLAGS.overwrite)
+  elif src_fmt == "radfm-torch":
+    if cfg is None:
+      raise app.UsageError("--from=radfm-torch needs --config (e.g. configs/radfm_13b.py)")
+    report = convert.import_radfm_torch(FLAGS.src, cfg, FLAGS.dst, dtype=FLAGS.dtype,
+                                        overwrite=FLAGS.overwrite)
+  elif dst_fmt == "hf-llama":
+    files = convert.export_hf_llama(FLAGS.src, FLAGS.dst, dtype=FLAGS.dtype,
+                                    max_shard_bytes=int(FLAGS.max_shard_gb * (1 << 30)))
+    print(f"wrote {FLAGS.dst}: config.json, {', '.join(files)}")
+    return
+  else:
+    from radfm_jax.convert.common import write_torch  # pylint: disable=g-import-not-at-top
+    n = write_torch(convert.export_radfm_torch(FLAGS.src, dtype=FLAGS.dtype), FLAGS.dst)
+    print(f"wrote {FLAGS.dst}: {n} tensors (RadFM torch layout)")
+    return
+  logging.info("dropped keys: %s", report.dropped)
+  print(f"wrote {FLAGS.dst}: {report.summary()}")
+
+
+if __name__ == "__main__":
+  app.run(main)
