@@ -187,7 +187,7 @@ def test_medpix_multi():
   history = "55 year old man with new seizures."
   assert s.question == (f"{history} {prompt}" if s.meta["history_included"] else prompt)
   assert at_question_end_or_start(s)
-  assert rows[1].task == "diagnosis" and rows[1].meta["diagnosis"] == "Glioblastoma"
+  assert rows[1].task == "vqa" and rows[1].meta["diagnosis"] == "Glioblastoma" and not rows[1].meta["closed"]
   assert rows[1].meta["history_included"] is False and rows[1].question in POOLS["case_diagnosis"]
   paths = [im.path for im in rows[2].images]  # 12 images -> a seeded subset of 10, in order
   assert len(paths) == 10 and paths == sorted(paths) and set(paths) <= {f"c{i:02d}.png" for i in range(1, 13)}
@@ -215,7 +215,8 @@ def test_medpix_qa():
   rows = by_row(samples)
   assert rows[0].answer == "The liver. Multiple hypodense lesions are seen in the liver."
   assert rows[0].question == "Which organ is abnormal?" and rows[0].images[0].path == "q1.png"
-  assert rows[1].answer == "No" and at_question_end_or_start(rows[1])
+  assert not rows[0].meta["closed"] and at_question_end_or_start(rows[1])
+  assert rows[1].answer == "no" and rows[1].meta["closed"] and rows[1].meta["choices"] == ["yes", "no"]
 
 
 # ------------------------------------------------------------------------------------------ radiographs
@@ -452,7 +453,8 @@ def test_rp3d_rationale(case_root):
   assert set(errors) == {2, 3} and "'radiographic_features'" in errors[2].reason
   rows = by_row(samples)
   s = rows[0]
-  assert s.task == "rationale" and s.meta["prompt_pool"] == "rationale" and s.meta["diagnosis"] == "Glioblastoma"
+  assert s.meta["subtask"] == "rationale" and s.meta["prompt_pool"] == "rationale"
+  assert s.task == "rationale" and s.meta["diagnosis"] == "Glioblastoma"
   assert s.question.endswith(template(s)) and s.question.startswith("Patient: 45 year old female.")
   assert s.answer == "Diagnosis: Glioblastoma. Radiographic features: Irregular rim enhancement. Central necrosis."
   assert rows[1].answer == "Diagnosis: Hydrocephalus. Radiographic features: Ventricular enlargement."
@@ -462,7 +464,8 @@ def test_rp3d_rationale(case_root):
   (case_root / "many.json").write_text(json.dumps(cases))
   samples, errors = run("rp3d_rationale", case_root / "many.json", case_root)
   assert not errors
-  yes_no = [s for s in samples if s.task == "diagnosis"]
+  assert {s.task for s in samples} == {"rationale"}
+  yes_no = [s for s in samples if s.meta["subtask"] == "rationale_yes_no"]
   answers = check_yes_no_labels(yes_no, lambda s: s.meta["diagnosis"], "disease")
   assert 30 < answers.count("yes") < 70 and 30 < answers.count("no") < 70
   assert 70 < len(samples) - len(yes_no) < 130

@@ -335,6 +335,13 @@ def report_text(findings: str, impression: str) -> str:
   return text
 
 
+def given_answer(answer: str, **meta: Any) -> tuple[str, dict[str, Any]]:
+  """A released answer and its meta: a yes/no answer is lower-cased and marked closed, else open."""
+  if answer.strip().lower() in ("yes", "no"):
+    return answer.strip().lower(), yes_no_meta(subtask="vqa_closed", **meta)
+  return answer, {"subtask": "vqa_open", "closed": False, "image_dependent": True, **meta}
+
+
 def yes_no_meta(**extra: Any) -> dict[str, Any]:
   return {"closed": True, "choices": ["yes", "no"], "image_dependent": True, **extra}
 

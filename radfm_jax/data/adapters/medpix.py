@@ -12,11 +12,12 @@ import re
 from radfm_jax.data import prompts, schema
 from radfm_jax.data.adapters import common
 
-# MedPix case section -> (prompt pool, task).
+# MedPix case section -> (prompt pool, task). Case diagnoses are free text, so they are open VQA (eval
+# scores task "diagnosis" as yes/no or multi-label); meta.diagnosis keeps the diagnosis.
 CASE_TYPES = {
     "findings": ("case_findings", "report"),
-    "diagnosis": ("case_diagnosis", "diagnosis"),
-    "ddx": ("case_differential", "diagnosis"),
+    "diagnosis": ("case_diagnosis", "vqa"),
+    "ddx": ("case_differential", "vqa"),
     "exam": ("case_exam", "vqa"),
     "discussion": ("case_discussion", "vqa"),
     "txFollowup": ("case_treatment", "vqa"),
@@ -97,7 +98,9 @@ def medpix_multi(src: str, image_root: str, *, split: str = "train", seed: int =
     paths = common.subsample(paths, max_images, rng)
     meta = {"dim": "2D", "subtask": f"medpix_{kind}", "history_included": with_history,
             "image_dependent": True, **prompt.meta()}
-    if task == "diagnosis" and kind == "diagnosis":
+    if task == "vqa":
+      meta["closed"] = False
+    if kind == "diagnosis":
       meta["diagnosis"] = answer
     return schema.Sample(id=ctx.sample_id(row_id), task=task, question=question, answer=answer,
                          images=common.around_question(paths, question, rng), meta=meta)
@@ -107,7 +110,8 @@ def medpix_multi(src: str, image_root: str, *, split: str = "train", seed: int =
 
 def medpix_qa(src: str, image_root: str, *, split: str = "train", seed: int = 0,
               dataset: str = "medpix_qa", strip_prefix: str = ""):
-  """MedPix question/answer pairs; the answer is followed by its explanation when there is one."""
+  """MedPix question/answer pairs; the answer is followed by its explanation when there is one (a bare
+  yes/no answer is closed)."""
   ctx = common.Context.make(dataset, src, image_root, split, seed, strip_prefix)
 
   def convert(row_id, row):
@@ -118,8 +122,9 @@ def medpix_qa(src: str, image_root: str, *, split: str = "train", seed: int = 0,
       answer = f"{answer}{'' if answer[-1] in '.!?' else '.'} {explanation}"
     image = ctx.image_path(common.cell(row, "name"))
     rng = ctx.rng(row_id)
+    answer, meta = common.given_answer(answer, dim="2D")
     return schema.Sample(id=ctx.sample_id(row_id), task="vqa", question=question, answer=answer,
                          images=common.around_question([image], question, rng),
-                         meta={"dim": "2D", "subtask": "medpix_qa", "closed": False})
+                         meta={**meta, "subtask": "medpix_qa"})
 
   return ctx.run(convert, required=("name", "question", "answer"))

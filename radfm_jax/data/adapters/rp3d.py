@@ -71,12 +71,8 @@ def rp3d_vqa(src: str, image_root: str, *, split: str = "train", seed: int = 0, 
     answer = common.cell(row, "answer")
     rng = ctx.rng(row_id)
     paths, indices = scans.refs(common.cell(row, "image_path"), rng, max_images)
-    closed = answer.lower() in ("yes", "no")
-    meta = _meta(subtask="vqa_closed" if closed else "vqa_open", closed=closed, image_dependent=True)
-    if closed:
-      meta["choices"] = ["yes", "no"]
-    return schema.Sample(id=ctx.sample_id(row_id), task="vqa", question=question,
-                         answer=answer.lower() if closed else answer,
+    answer, meta = common.given_answer(answer, dim="3D")
+    return schema.Sample(id=ctx.sample_id(row_id), task="vqa", question=question, answer=answer,
                          images=common.around_question(paths, question, rng, indices), meta=meta)
 
   return ctx.run(convert, required=("image_path", "question", "answer"))
@@ -135,7 +131,8 @@ def rp3d_rationale(src: str, image_root: str, *, split: str = "train", seed: int
                    max_images: int = 10, diseases: Sequence[str] | None = None):
   """Rationale diagnosis: patient info + a rationale prompt, answered 'Diagnosis: {articles}.
   Radiographic features: {features}'; or (p_yes_no) a yes/no question about the case title (answer
-  "yes") or about another disease (answer "no"; from `diseases`, by default the file's other titles)."""
+  "yes") or about another disease (answer "no"; from `diseases`, by default the file's other titles).
+  Both are task "rationale" (eval scores the yes/no ones as rationale_binary); meta.diagnosis = title."""
   ctx = common.Context.make(dataset, src, image_root, split, seed, strip_prefix)
   scans = CaseScans(ctx)
 
@@ -155,15 +152,15 @@ def rp3d_rationale(src: str, image_root: str, *, split: str = "train", seed: int
         other = title if rng.random() < 0.5 else common.pick_other(choices, title, rng)
       if other is not None:
         prompt = prompts.pick("yes_no", rng, disease=other)
-        task, question, answer = "diagnosis", prompt.text, "yes" if other == title else "no"
-        meta = common.yes_no_meta(subtask="diagnosis_binary", asked=other, **prompt.meta())
+        question, answer = prompt.text, "yes" if other == title else "no"
+        meta = common.yes_no_meta(subtask="rationale_yes_no", asked=other, **prompt.meta())
       else:
         prompt = prompts.pick("rationale", rng)
         question = " ".join(p for p in (_patient(row), prompt.text) if p)
         diagnosis = (", ".join(articles) if articles else title).rstrip(".")
         answer = f"Diagnosis: {diagnosis}. Radiographic features: {' '.join(features)}"
-        task, meta = "rationale", {"subtask": "rationale", "closed": False, **prompt.meta()}
-      return schema.Sample(id=ctx.sample_id(row_id), task=task, question=question, answer=answer,
+        meta = {"subtask": "rationale", "closed": False, **prompt.meta()}
+      return schema.Sample(id=ctx.sample_id(row_id), task="rationale", question=question, answer=answer,
                            images=common.around_question(paths, question, rng, indices),
                            meta=_meta(diagnosis=title, **meta))
 

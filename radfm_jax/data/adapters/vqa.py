@@ -24,13 +24,8 @@ def vqa(src: str, image_root: str, *, split: str = "train", seed: int = 0, datas
     figure = common.cell(row, "Figure_path")
     path = ctx.image_path(posixpath.join(folder, figure) if folder else figure)
     rng = ctx.rng(row_id)
-    closed = answer.strip().lower() in ("yes", "no")
-    meta = {"dim": "2D", "subtask": "vqa_closed" if closed else "vqa_open", "closed": closed,
-            "image_dependent": True}
-    if closed:
-      meta["choices"] = ["yes", "no"]
-    return schema.Sample(id=ctx.sample_id(row_id), task="vqa", question=question,
-                         answer=answer.lower() if closed else answer,
+    answer, meta = common.given_answer(answer, dim="2D")
+    return schema.Sample(id=ctx.sample_id(row_id), task="vqa", question=question, answer=answer,
                          images=common.around_question([path], question, rng), meta=meta)
 
   return ctx.run(convert, required=("Figure_path", "Question", "Answer"))
