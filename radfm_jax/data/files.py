@@ -1,0 +1,147 @@
+"""Files mode of the build (`--from=files`): samples from an image folder, with or without text.
+
+Without --text, every readable scan under SRC becomes one image-only record: task "caption",
+question "" and answer "" (a scan without text: usable where images alone help, e.g. vision
+pre-training, and easy to filter by task), split "train", source "files", the image at the start of
+the question, id = the scan's relative path (plus "#INDEX" for one volume of a multi-scan file).
+Discovery walks SRC in sorted order:
+- DICOM files (.dcm or the DICM preamble) are grouped into series (SeriesInstanceUID per folder); a
+  series that is every DICOM image of its folder is referenced by the folder, otherwise by its files.
+  DICOM files without pixel data (DICOMDIR, reports, plans) are listed in the report's "skipped".
+- 4D NIfTI and RadFM .npy case files become one scan per volume / per case scan (index 0..N-1).
+- Anything that is not an image by name or magic (README.txt, .json, ...) is listed in "skipped";
+  skipped files are not failures. Files that look like images but cannot be read are failures.
+
+With --text=FILE.jsonl, one sample per line (blank lines ignored):
+  {"image": "rel/path" | ["rel/a.png", "rel/b.png"],      # images at the start of the question
+   "question": "...", "answer": "...", "task": "vqa",     # task: one of schema.TASKS
+   "split": "train", "id": "...", "source": "...", "meta": {...}}            # optional
+or, for full control, "images": [{"path": "rel/p" | ["rel/series/1.dcm", ...], "field": "question" |
+"answer", "char": 12, "index": 0}] (a list path is the files of one DICOM series). Image paths are
+relative to SRC; a folder path is a DICOM series folder. The default id is "FILE_STEM:LINE".
+Lines that are not JSON objects with these fields become RowErrors (file name, line number, reason).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from radfm_jax.data import readers, schema
+from radfm_jax.data.build import redact_path
+from radfm_jax.data.readers import dicom
+
+Scan = tuple[str | list[str], int | None]   # (relative path or series files, index)
+
+
+def discover(src: str) -> tuple[list[Scan], list[dict[str, str]]]:
+  """Every scan under src (sorted) and the files passed over, as {"path", "reason"}."""
+  scans: list[Scan] = []
+  skipped: list[dict[str, str]] = []
+  dicom_files: list[str] = []
+  rel = lambda p: os.path.relpath(p, src)  # noqa: E731
+  for dirpath, dirnames, filenames in os.walk(src):
+    dirnames.sort()
+    for name in sorted(filenames):
+      full = os.path.join(dirpath, name)
+      try:
+        kind = readers.kind_of(full)
+      except readers.NotAnImage:
+        skipped.append({"path": rel(full), "reason": "not an image file"})
+        continue
+      if kind == "dicom":
+        dicom_files.append(full)
+        continue
+      try:
+        n = readers.n_items(full)
+      except Exception:  # noqa: BLE001 - unreadable header: the reader reports it as a failure
+        n = 1
+      scans += [(rel(full), None)] if n == 1 else [(rel(full), i) for i in range(n)]
+  series, no_pixels = dicom.group_series(dicom_files)
+  skipped += [{"path": rel(p), "reason": reason} for p, reason in no_pixels]
+  images_in = {}
+  for files in series:
+    images_in.setdefault(os.path.dirname(files[0]), set()).update(files)
+  for files in series:
+    folder = os.path.dirname(files[0])
+    if len(files) == 1:
+      scans.append((rel(files[0]), None))
+    elif images_in[folder] == set(files):
+      scans.append((rel(folder), None))
+    else:
+      scans.append(([rel(f) for f in files], None))
+  scans.sort(key=lambda s: (s[0] if isinstance(s[0], str) else s[0][0], s[1] or 0))
+  skipped.sort(key=lambda s: s["path"])
+  return scans, skipped
+
+
+def image_only_samples(scans: list[Scan], *, redact: bool = False) -> Iterator[schema.Sample]:
+  for path, index in scans:
+    name = path if isinstance(path, str) else os.path.dirname(path[0]) + "/" + os.path.basename(path[0])
+    sid = (redact_path(name) if redact else name) + ("" if index is None else f"#{index}")
+    yield schema.Sample(id=sid, task="caption", question="", answer="", source="files",
+                        images=[schema.ImageRef(path=path, field="question", char=0, index=index)])
+
+
+def _image_refs(row: dict[str, Any]) -> list[schema.ImageRef]:
+  if "images" in row:
+    if not isinstance(row["images"], list):
+      raise ValueError(f"'images' must be a list of objects, got {type(row['images']).__name__}")
+    refs = []
+    for i, im in enumerate(row["images"]):
+      if not isinstance(im, dict) or "path" not in im:
+        raise ValueError(f"images[{i}] must be an object with a 'path'")
+      unknown = set(im) - {"path", "field", "char", "index"}
+      if unknown:
+        raise ValueError(f"images[{i}] has unknown keys {sorted(unknown)}")
+      refs.append(schema.ImageRef(path=im["path"], field=im.get("field", "question"),
+                                  char=int(im.get("char", 0)), index=im.get("index")))
+    return refs
+  image = row.get("image", [])
+  paths = image if isinstance(image, list) else [image]
+  if not all(isinstance(p, str) and p for p in paths):
+    raise ValueError(f"'image' must be a relative path or a list of them, got {image!r}")
+  return [schema.ImageRef(path=p, field="question", char=0) for p in paths]
+
+
+def text_samples(text: str) -> Iterator[schema.Sample | schema.RowError]:
+  """Samples from a JSONL file (see the module docstring); bad lines as RowErrors."""
+  name = os.path.basename(text)
+  stem = name.split(".")[0]
+  with open(text, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+          raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in ("question", "answer", "task") if k not in row]
+        if missing:
+          raise ValueError(f"missing field(s) {missing}")
+        if not all(isinstance(row[k], str) for k in ("question", "answer", "task")):
+          raise ValueError("question, answer and task must be strings")
+        meta = row.get("meta", {})
+        if not isinstance(meta, dict):
+          raise ValueError(f"'meta' must be an object, got {type(meta).__name__}")
+        yield schema.Sample(id=str(row.get("id", f"{stem}:{lineno}")), task=row["task"],
+                            question=row["question"], answer=row["answer"], images=_image_refs(row),
+                            split=row.get("split", "train"), source=str(row.get("source", stem)),
+                            meta=meta)
+      except (ValueError, TypeError) as e:
+        yield schema.RowError(source=name, row=lineno, reason=str(e))
+
+
+def samples_from_folder(src: str, *, text: str | None = None, redact: bool = False):
+  """(samples, skipped, total) for ingest_samples: the JSONL's samples, or every scan under src."""
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"--src {src}: no such folder")
+  if text is not None:
+    if not os.path.isfile(text):
+      raise FileNotFoundError(f"--text {text}: no such file")
+    with open(text, encoding="utf-8") as f:
+      total = sum(1 for line in f if line.strip())
+    return text_samples(text), [], total
+  scans, skipped = discover(src)
+  return image_only_samples(scans, redact=redact), skipped, len(scans)

@@ -1,0 +1,82 @@
+"""Medical image readers behind one entry point: `read_scan(path, index=None) -> Volume`.
+
+  from radfm_jax.data.readers import read_scan
+  vol = read_scan("ct/series_dir")          # DICOM folder (one series, or index picks one)
+  vol = read_scan(["a.dcm", "b.dcm"])       # the files of one DICOM series
+  vol = read_scan("brain.nii.gz")           # NIfTI (4D: index picks the volume)
+  vol = read_scan("cxr.png")                # PNG / JPEG / BMP / TIFF
+  vol = read_scan("case.npy", index=2)      # .npy incl. RadFM's N x 3 x H x W x D case files
+  vol.array  # [H, W, D, C] native dtype;  vol.meta  # allowlisted, see volume.py
+
+Dispatch (`kind_of`): a list -> DICOM series; a folder -> DICOM folder; .nii / .nii.gz -> NIfTI;
+picture suffixes -> pillow; .npy -> NumPy; .dcm or the DICOM preamble -> DICOM; anything else is
+`NotAnImage`. Every failure is a `ReadError` (a ValueError) whose message names the file and the reason.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from radfm_jax.data.readers import dicom, image, nifti, npy
+from radfm_jax.data.readers.volume import META_KEYS, NotAnImage, ReadError, Volume
+
+__all__ = ["META_KEYS", "NotAnImage", "ReadError", "Volume", "kind_of", "n_items", "read_scan"]
+
+PathLike = str | os.PathLike
+
+
+def kind_of(path: PathLike) -> str:
+  """"dicom_folder" | "nifti" | "image" | "npy" | "dicom"; raises NotAnImage for anything else."""
+  path = os.fspath(path)
+  lower = path.lower()
+  if os.path.isdir(path):
+    return "dicom_folder"
+  if not os.path.exists(path):
+    raise ReadError(f"{path}: no such file")
+  if lower.endswith((".nii", ".nii.gz")):
+    return "nifti"
+  if lower.endswith(image.SUFFIXES):
+    return "image"
+  if lower.endswith(".npy"):
+    return "npy"
+  if dicom.is_dicom(path):
+    return "dicom"
+  suffix = os.path.splitext(lower)[1] or "no suffix"
+  raise NotAnImage(f"{path}: not an image file ({suffix}; expected DICOM, NIfTI, PNG/JPEG or .npy)")
+
+
+def n_items(path: PathLike) -> int:
+  """How many scans a single file holds (4D NIfTI volumes, .npy case scans); 1 for the rest."""
+  kind = kind_of(path)
+  if kind == "nifti":
+    return nifti.n_volumes(os.fspath(path))
+  if kind == "npy":
+    return npy.n_scans(os.fspath(path))
+  return 1
+
+
+def read_scan(path: PathLike | Sequence[PathLike], index: int | None = None) -> Volume:
+  """Reads one scan as a Volume ([H, W, D, C] + allowlisted meta). See the module docstring."""
+  if isinstance(path, (list, tuple)):
+    if index is not None:
+      raise ReadError(f"index {index} given for a list of DICOM files (one series)")
+    missing = [os.fspath(p) for p in path if not os.path.isfile(p)]
+    if missing:
+      raise ReadError(f"{missing[0]}: no such file ({len(missing)} of the series' {len(path)} missing)")
+    not_dicom = [os.fspath(p) for p in path if not dicom.is_dicom(os.fspath(p))]
+    if not_dicom:
+      raise ReadError(f"{not_dicom[0]}: a list of paths must be the DICOM files of one series")
+    return dicom.read_series([os.fspath(p) for p in path])
+  path = os.fspath(path)
+  kind = kind_of(path)
+  if kind == "dicom_folder":
+    return dicom.read_folder(path, index)
+  if kind == "nifti":
+    return nifti.read_nifti(path, index)
+  if kind == "npy":
+    return npy.read_npy(path, index)
+  if index is not None:
+    raise ReadError(f"{path}: index {index} given for a single-scan {kind} file")
+  if kind == "image":
+    return image.read_image(path)
+  return dicom.read_series([path])

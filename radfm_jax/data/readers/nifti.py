@@ -1,0 +1,88 @@
+"""NIfTI (.nii / .nii.gz) -> `Volume` (nibabel), in the same display convention as DICOM.
+
+Steps: the data is reoriented to closest-canonical RAS exactly as `nibabel.as_closest_canonical` does
+(axes permuted / flipped, never resampled), then shown as DICOM displays an axial slice:
+`array = ras[::-1, ::-1, :].transpose(1, 0, 2)`, so H runs anterior -> posterior, W right -> left and
+D inferior -> superior (axcodes ("P", "L", "S")); an axial NIfTI converted from a DICOM series gives the
+same array as the series itself. `display_to_ras` is the inverse (used to write NIfTI files).
+Spacing comes from the affine (mm along H, W, D); values keep the stored dtype unless the header sets
+a scaling (scl_slope / scl_inter), which nibabel applies (float).
+
+4D files (time points, b-values, echoes): `index` selects one 3D volume; without an index a 4D file
+with more than one volume is a ReadError (files mode ingests every volume of a 4D file as its own scan,
+see build.py). 5D and non-scalar (RGB) NIfTI are rejected.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from radfm_jax.data.readers.volume import ReadError, Volume, finish
+
+
+def n_volumes(path: str) -> int:
+  """Number of 3D volumes in a NIfTI file (header only)."""
+  shape = nib.load(path).shape
+  return int(shape[3]) if len(shape) >= 4 else 1
+
+
+def _display_matrix(x: int, y: int) -> np.ndarray:
+  """Voxel (h, w, d) of the display array -> voxel (i, j, k) of the RAS array."""
+  return np.array([[0, -1, 0, x - 1], [-1, 0, 0, y - 1], [0, 0, 1, 0], [0, 0, 0, 1]], np.float64)
+
+
+def ras_to_display(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """RAS-canonical [X, Y, Z] + affine -> display [H=Y, W=X, D=Z] + its affine."""
+  x, y = data.shape[:2]
+  return data[::-1, ::-1].transpose(1, 0, *range(2, data.ndim)), affine @ _display_matrix(x, y)
+
+
+def display_to_ras(array: np.ndarray, spacing: tuple[float, float, float],
+                   origin: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+  """Display [H, W, D] with spacing (dH, dW, dD) -> (RAS data [X, Y, Z], affine) for a NIfTI file."""
+  data = array.transpose(1, 0, *range(2, array.ndim))[::-1, ::-1]
+  affine = np.diag([spacing[1], spacing[0], spacing[2], 1.0])
+  affine[:3, 3] = origin
+  return np.ascontiguousarray(data), affine
+
+
+def read_nifti(path: str, index: int | None = None) -> Volume:
+  try:
+    img = nib.load(path)
+  except Exception as e:  # noqa: BLE001 - nibabel raises many types for bad headers
+    raise ReadError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+  shape = tuple(int(s) for s in img.shape)
+  if len(shape) > 4 or (len(shape) == 4 and shape[3] > 1 and index is None):
+    what = f"{shape[3]} volumes along axis 4" if len(shape) == 4 else f"{len(shape)} dimensions"
+    raise ReadError(f"{path}: {what} (shape {shape}); pass an index to select one volume")
+  if img.get_data_dtype().fields is not None:
+    raise ReadError(f"{path}: non-scalar NIfTI data type {img.get_data_dtype()} is not supported")
+  try:
+    if len(shape) == 4:
+      t = 0 if index is None else index
+      if not 0 <= t < shape[3]:
+        raise ReadError(f"{path}: index {t} out of range for {shape[3]} volumes")
+      data = np.asanyarray(img.dataobj[..., t])
+    else:
+      if index not in (None, 0):
+        raise ReadError(f"{path}: index {index} given for a single-volume file")
+      data = np.asanyarray(img.dataobj)
+  except ReadError:
+    raise
+  except Exception as e:  # noqa: BLE001 - truncated / corrupt data: EOFError, zlib.error, OSError, ...
+    raise ReadError(f"{path}: cannot read the image data ({type(e).__name__}: {e})") from None
+  while data.ndim < 3:
+    data = data[..., None]
+  ornt = orientations.io_orientation(img.affine)
+  ras = orientations.apply_orientation(data, ornt)
+  affine_ras = img.affine @ orientations.inv_ornt_aff(ornt, data.shape)
+  array, affine = ras_to_display(ras, affine_ras)
+  meta: dict[str, Any] = dict(
+      source_format="nifti", unit="raw", original_shape=list(shape), channels="gray",
+      spacing=np.sqrt((affine[:3, :3] ** 2).sum(0)),
+      orientation={"axcodes": list(nib.aff2axcodes(affine)), "affine": affine},
+      index=index if len(shape) == 4 else None)
+  return finish(array[..., None], meta, path)
