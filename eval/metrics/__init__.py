@@ -1,0 +1,1 @@
+"""RadBench metrics: text overlap, classification, semantic similarity, term precision/recall."""
