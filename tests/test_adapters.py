@@ -479,3 +479,62 @@ def test_deterministic_given_seed(case_root):
     assert a == b, name
   seeds = {tuple(s.question for s in run("medpix_single", FX / "medpix_single.csv", seed=k)[0]) for k in range(5)}
   assert len(seeds) > 1
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_build_cli_radfm_vqa(tmp_path):
+  """`python -m radfm_jax.data.build --from=radfm`: real JPEGs, one missing image, two bad rows."""
+  from PIL import Image  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  from radfm_jax.data.store import Store  # noqa: PLC0415
+  root = tmp_path / "vqarad"
+  (root / "images").mkdir(parents=True)
+  pixels = {}
+  for i, name in enumerate(["synpic100.jpg", "synpic101.jpg"]):
+    arr = (np.add.outer(np.arange(32), np.arange(48)) * 2 + 60 * i).astype(np.uint8)
+    Image.fromarray(arr).save(root / "images" / name, quality=100)
+    pixels[f"images/{name}"] = arr
+  out = tmp_path / "store"
+  cmd = [sys.executable, "-m", "radfm_jax.data.build", "--from=radfm", "--dataset=vqa_rad",
+         f"--src={FX / 'vqa_rad.csv'}", f"--image_root={root}", f"--out={out}", "--split=test",
+         "--workers=0", "--noprogress"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 3, proc.stdout + proc.stderr  # rows 3 and 4, and the missing synpic102.jpg
+  store = Store.open(str(out))
+  expected = {s.id: s for s in run("vqa_rad", FX / "vqa_rad.csv", root, split="test")[0]}
+  records = store.records()
+  assert sorted(r["id"] for r in records) == ["vqa_rad/vqa_rad/0", "vqa_rad/vqa_rad/1"]
+  for r in records:
+    s = expected[r["id"]]
+    assert (r["split"], r["task"], r["question"], r["answer"]) == ("test", "vqa", s.question, s.answer)
+    assert r["images"][0]["char"] == s.images[0].char and r["meta"] == s.meta
+    assert r["provenance"]["images"][0]["path"] == s.images[0].path
+    vol = store.read_volume(r["images"][0]["key"])
+    assert vol.shape == (32, 48, 1, 1) and np.abs(vol[..., 0, 0].astype(int) - pixels[s.images[0].path]).max() <= 4
+  reasons = " | ".join(f["reason"] for f in store.report["failures"])
+  assert "'Answer' is empty" in reasons and "synpic102.jpg" in reasons and "strip_prefix" in reasons
+
+
+def test_build_radfm_rp3d_case(case_root, tmp_path):
+  """An RP3D case .npy (N x 3 x H x W x D) through ingest_samples: one volume per scan index."""
+  from radfm_jax.data import build  # noqa: PLC0415
+  from radfm_jax.data.store import Store  # noqa: PLC0415
+  scans = np.random.default_rng(0).random((3, 1, 8, 8, 4), dtype=np.float32).repeat(3, axis=1)
+  np.save(case_root / "cases" / "case1.npy", scans)
+  np.save(case_root / "cases" / "case2.npy", scans[1])  # a single 3 x H x W x D scan (index None)
+  out = tmp_path / "store3d"
+  report = build.ingest_samples(adapters.get("rp3d_caption")(str(FX / "rp3d_cases.json"), str(case_root)),
+                                src_root=str(case_root), out=str(out), progress=False)
+  assert report["n_records"] == 2 and report["n_failed"] == 2, report["failures"]
+  store = Store.open(str(out))
+  recs = {r["id"]: r for r in store.records()}
+  assert [p["index"] for p in recs["rp3d_caption/rp3d_cases/1"]["provenance"]["images"]] == [None]
+  rec = recs["rp3d_caption/rp3d_cases/0"]
+  assert rec["task"] == "report" and rec["answer"].startswith("Findings: A rim-enhancing mass")
+  keys = [im["key"] for im in rec["images"]]
+  assert len(set(keys)) == 3 and [p["index"] for p in rec["provenance"]["images"]] == [0, 1, 2]
+  for n, key in enumerate(keys):
+    np.testing.assert_array_equal(store.read_volume(key)[..., 0], scans[n, 0])
