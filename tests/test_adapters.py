@@ -191,7 +191,8 @@ def test_medpix_multi():
   assert rows[1].meta["history_included"] is False and rows[1].question in POOLS["case_diagnosis"]
   paths = [im.path for im in rows[2].images]  # 12 images -> a seeded subset of 10, in order
   assert len(paths) == 10 and paths == sorted(paths) and set(paths) <= {f"c{i:02d}.png" for i in range(1, 13)}
-  assert rows[2].meta["prompt_pool"] == "case_differential" and rows[3].meta["prompt_pool"] == "case_treatment"
+  assert rows[2].meta["prompt_pool"] == "case_differential"
+  assert rows[3].meta["prompt_pool"] == "case_treatment"
 
 
 def test_medpix_multi_history_rate_and_seed(tmp_path):
@@ -292,7 +293,8 @@ def test_split_handling(tmp_path):
   assert {s.split for s in samples} == {"test"}
   assert run("vqa_rad", FX / "vqa_rad.csv", tmp_path, split="validation")[0][0].split == "val"
   src = write_csv(tmp_path / "s.csv", ["Figure_path", "Question", "Answer", "split"],
-                  [["a.png", "Q?", "no", "validation"], ["b.png", "Q?", "no", ""], ["c.png", "Q?", "no", "holdout"]])
+                  [["a.png", "Q?", "no", "validation"], ["b.png", "Q?", "no", ""],
+                   ["c.png", "Q?", "no", "holdout"]])
   samples, errors = run("pmc_vqa", src, tmp_path, split="test")
   assert [s.split for s in samples] == ["val", "test"] and "holdout" in errors[2].reason
 
@@ -334,7 +336,7 @@ def test_pmc_inline_fixture():
   samples, errors = run("pmc_inline", FX / "pmc_inline.csv")
   assert list(errors) == [1] and "papers/PMC200.json" in errors[1].reason
   got = {s.id: s for s in samples}
-  assert sorted(got) == ["pmc_inline/pmc_inline/0/0", "pmc_inline/pmc_inline/0/6", "pmc_inline/pmc_inline/2/1"]
+  assert sorted(got) == [f"pmc_inline/pmc_inline/{w}" for w in ("0/0", "0/6", "2/1")]
   a = got["pmc_inline/pmc_inline/0/0"]
   assert a.task == "interleaved" and a.question == "" and a.meta["sentences"] == [0, 6]
   assert [im.path for im in a.images] == ["PMC100_F1.jpg", "PMC100_F2.jpg", "PMC100_F3.jpg"]
@@ -353,8 +355,8 @@ def test_pmc_inline_fixture():
 
 def test_pmc_inline_windows_cover_paper(tmp_path):
   rng = random.Random(0)
-  sents = [{"text": f"Sentence {i}.", "img_ref": [f"F{i}"] * rng.choice([0, 0, 0, 0, 1, 2])} for i in range(130)]
-  sents = [dict(s, img_ref=[f"F{i}_{k}" for k in range(len(s["img_ref"]))]) for i, s in enumerate(sents)]
+  sents = [{"text": f"Sentence {i}.", "img_ref": [f"F{i}_{k}" for k in range(rng.choice([0, 0, 0, 0, 1, 2]))]}
+           for i in range(130)]
   (tmp_path / "PMC9.json").write_text(json.dumps(sents))
   src = write_csv(tmp_path / "papers.csv", ["PMC_path"], [["PMC9.json"]])
   samples, errors = run("pmc_inline", src, text_only=True)
@@ -409,7 +411,8 @@ def check_yes_no_labels(samples, truth_of, field):
 
 def test_rp3d_modality_no_branch_names_another_modality(tmp_path):
   mods = ["CT", "MRI", "X-ray", "Ultrasound"]
-  src = write_csv(tmp_path / "m.csv", ["image_path", "answer"], [[f"v/{i}.nii.gz", mods[i % 4]] for i in range(400)])
+  src = write_csv(tmp_path / "m.csv", ["image_path", "answer"],
+                  [[f"v/{i}.nii.gz", mods[i % 4]] for i in range(400)])
   samples, errors = run("rp3d_modality", src, tmp_path)
   assert not errors and len(samples) == 400
   answers = check_yes_no_labels(samples, lambda s: s.meta["modality"], "modality")
@@ -420,7 +423,8 @@ def test_rp3d_modality_no_branch_names_another_modality(tmp_path):
       assert s.question in POOLS["modality_open"] and s.answer == s.meta["modality"]
       assert s.meta["choices"] == sorted(mods)
   # a file with a single modality has nothing to say "no" with: never a wrong label
-  src = write_csv(tmp_path / "one.csv", ["image_path", "answer"], [[f"v/{i}.nii.gz", "CT"] for i in range(60)])
+  src = write_csv(tmp_path / "one.csv", ["image_path", "answer"],
+                  [[f"v/{i}.nii.gz", "CT"] for i in range(60)])
   answers = {s.answer for s in run("rp3d_modality", src, tmp_path)[0]}
   assert answers == {"yes", "CT"}
   forced = run("rp3d_modality", src, tmp_path, modalities=["CT", "PET"], p_yes_no=1.0)[0]
@@ -442,7 +446,8 @@ def test_rp3d_caption(case_root):
   s = rows[0]
   patient = "Patient: 45 year old female. Presentation: headache for two weeks."
   assert s.question == f"{patient} {template(s)}" and s.meta["prompt_pool"] == "report"
-  assert s.answer == "Findings: A rim-enhancing mass in the right temporal lobe. Impression: Likely high-grade glioma."
+  assert s.answer == ("Findings: A rim-enhancing mass in the right temporal lobe. "
+                      "Impression: Likely high-grade glioma.")
   assert [im.index for im in s.images] == [0, 1, 2] and at_question_end_or_start(s)
   assert rows[1].answer == "Findings: Enlarged lateral ventricles."
   assert rows[1].question == f"Patient: 8 year old male. {template(rows[1])}"
@@ -456,7 +461,8 @@ def test_rp3d_rationale(case_root):
   assert s.meta["subtask"] == "rationale" and s.meta["prompt_pool"] == "rationale"
   assert s.task == "rationale" and s.meta["diagnosis"] == "Glioblastoma"
   assert s.question.endswith(template(s)) and s.question.startswith("Patient: 45 year old female.")
-  assert s.answer == "Diagnosis: Glioblastoma. Radiographic features: Irregular rim enhancement. Central necrosis."
+  assert s.answer == ("Diagnosis: Glioblastoma. "
+                      "Radiographic features: Irregular rim enhancement. Central necrosis.")
   assert rows[1].answer == "Diagnosis: Hydrocephalus. Radiographic features: Ventricular enlargement."
   # yes/no branch: the true title -> yes, another title -> no
   cases = [{"pre": "", "pat": "", "npy_path": "cases/case1.npy", "title": f"Disease {i % 5}",
@@ -477,7 +483,8 @@ def test_deterministic_given_seed(case_root):
     a = list(adapters.get(name)(str(FX / src), str(case_root), seed=7))
     b = list(adapters.get(name)(str(FX / src), str(case_root), seed=7))
     assert a == b, name
-  seeds = {tuple(s.question for s in run("medpix_single", FX / "medpix_single.csv", seed=k)[0]) for k in range(5)}
+  seeds = {tuple(s.question for s in run("medpix_single", FX / "medpix_single.csv", seed=k)[0])
+           for k in range(5)}
   assert len(seeds) > 1
 
 
@@ -513,7 +520,8 @@ def test_build_cli_radfm_vqa(tmp_path):
     assert r["images"][0]["char"] == s.images[0].char and r["meta"] == s.meta
     assert r["provenance"]["images"][0]["path"] == s.images[0].path
     vol = store.read_volume(r["images"][0]["key"])
-    assert vol.shape == (32, 48, 1, 1) and np.abs(vol[..., 0, 0].astype(int) - pixels[s.images[0].path]).max() <= 4
+    assert vol.shape == (32, 48, 1, 1)
+    assert np.abs(vol[..., 0, 0].astype(int) - pixels[s.images[0].path]).max() <= 4
   reasons = " | ".join(f["reason"] for f in store.report["failures"])
   assert "'Answer' is empty" in reasons and "synpic102.jpg" in reasons and "strip_prefix" in reasons
 

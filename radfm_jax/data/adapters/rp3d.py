@@ -53,7 +53,8 @@ class CaseScans:
 
 
 def _patient(row: common.Row) -> str:
-  return " ".join(p for p in (common.cell(row, "pat", required=False), common.cell(row, "pre", required=False)) if p)
+  parts = (common.cell(row, "pat", required=False), common.cell(row, "pre", required=False))
+  return " ".join(p for p in parts if p)
 
 
 def _meta(**extra) -> dict:
