@@ -49,6 +49,15 @@ def test_nearest_matches_torch_interpolate(shape, out):
   np.testing.assert_array_equal(ours[..., 0], ref)
 
 
+def test_linear_upsampling_matches_torch_trilinear():
+  rng = np.random.default_rng(2)
+  vol = rng.normal(size=(5, 6, 3, 1)).astype(np.float32)
+  ours = pp.resize(vol, (9, 11, 7), "linear")[..., 0]
+  ref = torch.nn.functional.interpolate(torch.from_numpy(vol[..., 0])[None, None], size=(9, 11, 7),
+                                        mode="trilinear", align_corners=False)[0, 0].numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
 def test_linear_cubic_shapes_and_range():
   rng = np.random.default_rng(1)
   vol = rng.integers(0, 255, size=(37, 23, 1, 3)).astype(np.uint8)

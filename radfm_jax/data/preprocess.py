@@ -24,13 +24,13 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
+from PIL import Image
 
 CT_WINDOWS = {  # name: (center, width) in HU
     "brain": (40.0, 80.0), "subdural": (75.0, 215.0), "soft_tissue": (40.0, 400.0),
     "mediastinum": (50.0, 350.0), "liver": (60.0, 160.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0),
 }
-_ORDERS = {"nearest": 0, "linear": 1, "cubic": 3}
+_METHODS = ("nearest", "linear", "cubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,8 @@ class ImageSpec:
     if not self.depth_buckets or sorted(self.depth_buckets) != list(self.depth_buckets):
       raise ValueError(f"depth_buckets {self.depth_buckets} must be a non-empty increasing list")
     for name in ("interpolation_2d", "interpolation_3d"):
-      if getattr(self, name) not in _ORDERS:
-        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {tuple(_ORDERS)}")
+      if getattr(self, name) not in _METHODS:
+        raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {_METHODS}")
     _window(self.intensity)  # validates
 
   @classmethod
@@ -98,13 +98,21 @@ def depth_bucket(depth: int, spec: ImageSpec) -> int:
   return min(spec.depth_buckets, key=lambda b: (abs(b - depth), -b))
 
 
+def sample_depth(shapes: Sequence[Sequence[int]], metas: Sequence[Mapping[str, Any] | None],
+                 spec: ImageSpec) -> int:
+  """The sample's depth bucket: the largest bucket of its 3D volumes, 0 when it has none (2D grid)."""
+  return max([depth_bucket(int(s[2]), spec) for s, m in zip(shapes, metas) if not is_2d(s, m)], default=0)
+
+
+def grid_of(depth: int, spec: ImageSpec) -> tuple[int, int, int]:
+  """The (H, W, D) grid of a depth bucket (0 = the 2D grid)."""
+  return spec.grid_2d if depth == 0 else (*spec.image_hw_3d, int(depth))
+
+
 def sample_grid(shapes: Sequence[Sequence[int]], metas: Sequence[Mapping[str, Any] | None],
                 spec: ImageSpec) -> tuple[int, int, int]:
   """The (H, W, D) grid every image of a sample is resized to (2D grid when it has no 3D volume)."""
-  depths = [depth_bucket(int(s[2]), spec) for s, m in zip(shapes, metas) if not is_2d(s, m)]
-  if not depths:
-    return spec.grid_2d
-  return (*spec.image_hw_3d, max(depths))
+  return grid_of(sample_depth(shapes, metas, spec), spec)
 
 
 def intensity_range(volume: np.ndarray, meta: Mapping[str, Any] | None, intensity: str) -> tuple[float, float]:
@@ -124,8 +132,20 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum(np.floor(np.arange(n_out) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
+def _linear_index(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Half-pixel (align_corners=False) linear interpolation: lower, upper source index and weight."""
+  src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+  lo = np.floor(src).astype(np.int64)
+  return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
+
+
 def resize(volume: np.ndarray, out_hwd: Sequence[int], method: str) -> np.ndarray:
-  """Resizes [H, W, D, C] to [*out_hwd, C]. Nearest keeps the dtype; linear/cubic return float32."""
+  """Resizes [H, W, D, C] to [*out_hwd, C].
+
+  nearest: torch `interpolate(mode="nearest")` indices, keeps the dtype. linear / cubic: in-plane with
+  Pillow's float resampling (antialiased when shrinking, as torchvision's PIL transforms that RadFM used
+  for 2D images), depth linearly; float32.
+  """
   h, w, d = (int(x) for x in out_hwd)
   if volume.shape[:3] == (h, w, d):
     return volume
@@ -135,13 +155,18 @@ def resize(volume: np.ndarray, out_hwd: Sequence[int], method: str) -> np.ndarra
       if out.shape[axis] != n:
         out = np.take(out, _nearest_index(out.shape[axis], n), axis=axis)
     return out
-  zoom = [n / s for n, s in zip((h, w, d), volume.shape[:3])] + [1.0]
-  out = ndimage.zoom(volume.astype(np.float32), zoom, order=_ORDERS[method], mode="nearest", grid_mode=True)
-  if out.shape[:3] != (h, w, d):  # scipy rounds the output shape; fix an off-by-one by edge padding/cropping
-    out = out[:h, :w, :d]
-    pad = [(0, n - s) for n, s in zip((h, w, d), out.shape[:3])] + [(0, 0)]
-    out = np.pad(out, pad, mode="edge")
-  return out
+  resample = {"linear": Image.Resampling.BILINEAR, "cubic": Image.Resampling.BICUBIC}[method]
+  vol = volume.astype(np.float32)
+  if vol.shape[:2] != (h, w):
+    planes = np.empty((h, w, *vol.shape[2:]), np.float32)
+    for k in range(vol.shape[2]):
+      for c in range(vol.shape[3]):
+        planes[:, :, k, c] = np.asarray(Image.fromarray(vol[:, :, k, c], mode="F").resize((w, h), resample))
+    vol = planes
+  if vol.shape[2] != d:
+    lo, hi, f = _linear_index(vol.shape[2], d)
+    vol = vol[:, :, lo] * (1 - f)[:, None] + vol[:, :, hi] * f[:, None]
+  return vol
 
 
 def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float],
