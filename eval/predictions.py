@@ -117,6 +117,8 @@ def _read_ours(path: str, rows: Iterable[tuple[int, Any]], task: str | None) -> 
   items, errors = [], []
   for i, row in rows:
     try:
+      if isinstance(row, ValueError):
+        raise row
       if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
       items.append(_our_item(path, i, row, task))
@@ -133,7 +135,7 @@ def _jsonl_rows(path: str) -> Iterable[tuple[int, Any]]:
       try:
         yield i, json.loads(line)
       except json.JSONDecodeError as e:
-        yield i, f"invalid JSON: {e}"
+        yield i, ValueError(f"invalid JSON: {e}")
 
 
 def read(path: str, task: str | None = None) -> tuple[list[Item], list[RowError]]:
