@@ -68,11 +68,11 @@ _CONTEXT = {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"l
             "file_io_concurrency": {"limit": 8}}
 
 
-def kvstore_spec(root: str | dict[str, Any]) -> ts.KvStore.Spec:
+def kvstore_spec(root: str | os.PathLike | dict[str, Any]) -> ts.KvStore.Spec:
   """A local path, a kvstore URL ("gs://b/p/", "file:///p/") or a JSON kvstore spec -> directory spec."""
   if isinstance(root, dict):
     spec = ts.KvStore.Spec(root)
-  elif "://" in root:
+  elif "://" in (root := os.fspath(root)):
     spec = ts.KvStore.Spec(root)
   else:
     spec = ts.KvStore.Spec({"driver": "file", "path": os.path.abspath(root)})
