@@ -187,19 +187,19 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
 
   futures: dict[ScanJob, cf.Future] = {}
   inflight: set[cf.Future] = set()
-  pending: list[tuple[schema.Sample, list[ScanJob]]] = []
-  failures: list[dict[str, Any]] = []
+  pending: list[tuple[int, schema.Sample, list[ScanJob]]] = []
+  failures: list[tuple[int, dict[str, Any]]] = []   # (input position, failure): reported in input order
   ids: set[str] = set()
   n_records = n_input = 0
   bar = tqdm(total=total, disable=not progress, unit="sample", desc="ingest", file=sys.stderr)
 
-  def fail(path: Any, reason: str, sample: str | None = None, row: Any = None) -> None:
-    failures.append({"path": path, "sample": sample, "row": row, "reason": reason})
+  def fail(position: int, path: Any, reason: str, sample: str | None = None, row: Any = None) -> None:
+    failures.append((position, {"path": path, "sample": sample, "row": row, "reason": reason}))
 
   def settle(block: bool) -> None:
     nonlocal n_records
     while pending:
-      sample, jobs = pending[0]
+      position, sample, jobs = pending[0]
       if not block and not all(futures[j].done() for j in jobs):
         return
       pending.pop(0)
@@ -207,7 +207,7 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
       bad = [(j, r) for j, r in zip(jobs, results) if r.reason is not None]
       if bad:
         job, res = bad[0]
-        fail(job.label(redact_paths), _sanitize(res.reason, src_root, job, redact_paths), sample.id)
+        fail(position, job.label(redact_paths), _sanitize(res.reason, src_root, job, redact_paths), sample.id)
       else:
         provenance = {"images": [{"path": j.label(redact_paths), "index": j.index, "hash": r.hash}
                                  for j, r in zip(jobs, results)]}
@@ -219,7 +219,7 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
     for item in samples:
       n_input += 1
       if isinstance(item, schema.RowError):
-        fail(item.source, item.reason, row=item.row)
+        fail(n_input, item.source, item.reason, row=item.row)
         bar.update(1)
         continue
       try:
@@ -228,7 +228,7 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
           raise ValueError(f"sample {item.id!r}: duplicate id")
         jobs = [ScanJob.of(im) for im in item.images]
       except ValueError as e:
-        fail(item.source or None, str(e), getattr(item, "id", None))
+        fail(n_input, item.source or None, str(e), getattr(item, "id", None))
         bar.update(1)
         continue
       ids.add(item.id)
@@ -236,7 +236,7 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
         if job not in futures:
           futures[job] = submit(job)
           inflight.add(futures[job])
-      pending.append((item, jobs))
+      pending.append((n_input, item, jobs))
       inflight = {f for f in inflight if not f.done()}
       while len(inflight) >= max_inflight:
         _, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
@@ -252,7 +252,7 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
       "volumes": {"written": sum(r.written for r in results),
                   "reused": sum(r.key is not None and not r.written for r in results),
                   "failed": sum(r.reason is not None for r in results)},
-      "failures": failures, "skipped": list(skipped),
+      "failures": [f for _, f in sorted(failures, key=lambda pf: pf[0])], "skipped": list(skipped),
       "seconds": round(time.time() - start, 2), "reader_version": READER_VERSION,
   }
   writer.finish(report)
