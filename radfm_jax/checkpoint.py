@@ -166,6 +166,17 @@ def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
 # Save
 
 
+def _save_registry() -> Any:
+  """Orbax type handlers for saving. Replica-parallel writing (each replica of a replicated array writes
+  a slice) is kept on accelerators but turned off on CPU, where slicing compiles one small program per
+  array and shard: a tiny model on 8 fake CPU devices saved in ~20 s with it and 0.2 s without."""
+  th = ocp.type_handlers
+  return th.create_type_handler_registry(
+      (jax.Array, th.ArrayHandler(use_replica_parallel=jax.default_backend() != "cpu")),
+      (np.ndarray, th.NumpyHandler()), (np.number, th.ScalarHandler()), (int, th.ScalarHandler()),
+      (float, th.ScalarHandler()))
+
+
 def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str | None = None,
                extra: Mapping[str, Any] | None = None, overwrite: bool = False) -> str:
   """Writes params + config to `ckpt_dir`; returns its absolute path.
@@ -192,10 +203,8 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
       raise FileExistsError(f"{ckpt_dir} exists (pass overwrite=True to replace it)")
     if jax.process_index() == 0:
       shutil.rmtree(ckpt_dir)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(ckpt_dir, PARAMS_DIR), params)
-  ckptr.wait_until_finished()
-  ckptr.close()
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_save_registry())) as ckptr:
+    ckptr.save(os.path.join(ckpt_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
 
   flat = nested_to_flat(params)
   meta = {

@@ -55,19 +55,39 @@ def torch_to_checkpoint(source: Source, layout: Layout, cfg: ml_collections.Conf
 
 
 class CheckpointParams(Mapping):
-  """A checkpoint's params read lazily, one parameter at a time, as host numpy arrays."""
+  """A checkpoint's params read lazily as host numpy arrays.
 
-  def __init__(self, ckpt_dir: str, prefix: str = ""):
-    self.ckpt_dir, self.prefix = ckpt_dir, prefix
+  Reads come in batches of up to `batch_bytes` following `order` (one partial restore per batch, not
+  per param); a param is dropped from the cache once handed out, so memory stays ~batch_bytes.
+  """
+
+  def __init__(self, ckpt_dir: str, prefix: str = "", order: Iterable[str] = (),
+               batch_bytes: int = 1 << 30):
+    self.ckpt_dir, self.prefix, self.batch_bytes = ckpt_dir, prefix, batch_bytes
     meta = checkpoint.param_metadata(ckpt_dir)
     self.shapes = {p[len(prefix):]: tuple(m.shape) for p, m in meta.items() if p.startswith(prefix)}
+    self._nbytes = {p[len(prefix):]: int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
+                    for p, m in meta.items() if p.startswith(prefix)}
     if not self.shapes:
       raise ValueError(f"{ckpt_dir}: no parameters under {prefix!r}")
+    order = [p for p in order if p in self.shapes]
+    self._order = order + [p for p in self.shapes if p not in set(order)]
+    self._cache: dict[str, np.ndarray] = {}
 
   def __getitem__(self, path: str) -> np.ndarray:
     if path not in self.shapes:
       raise KeyError(f"{self.ckpt_dir}: no parameter {self.prefix + path!r}")
-    return checkpoint.read_params(self.ckpt_dir, [self.prefix + path])[self.prefix + path]
+    if path not in self._cache:
+      batch, size = [path], self._nbytes[path]
+      for p in self._order[self._order.index(path) + 1:]:
+        if size + self._nbytes[p] > self.batch_bytes:
+          break
+        if p not in self._cache:
+          batch.append(p)
+          size += self._nbytes[p]
+      got = checkpoint.read_params(self.ckpt_dir, [self.prefix + p for p in batch])
+      self._cache.update({p: got[self.prefix + p] for p in batch})
+    return self._cache.pop(path)
 
   def __iter__(self):
     return iter(self.shapes)
@@ -78,8 +98,8 @@ class CheckpointParams(Mapping):
 
 def checkpoint_to_torch(ckpt_dir: str, layout: Layout, prefix: str = "", dtype: Any = None,
                         ) -> Iterator[tuple[str, np.ndarray]]:
-  """(torch key, tensor) pairs in torch layout, reading one parameter of the checkpoint at a time."""
-  params = CheckpointParams(ckpt_dir, prefix)
+  """(torch key, tensor) pairs in torch layout, reading the checkpoint in bounded batches."""
+  params = CheckpointParams(ckpt_dir, prefix, order=[p for r in layout.rules for p in r.ours])
   return export_params(params, layout, dtype=dtype, shapes=params.shapes)
 
 

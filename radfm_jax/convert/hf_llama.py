@@ -137,10 +137,12 @@ def hf_config_from_lm(lm: Any, vocab_size: int, dtype: str = "float32",
 def lm_model_config(lm: ml_collections.ConfigDict, vocab_size: int,
                     base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """cfg.model for an LM: `base` (e.g. a RadFM config's model section, which keeps its vision tower and
-  compute settings) with lm / vocab_size replaced, or a minimal LM-only section."""
+  compute settings) with lm / vocab_size replaced, or a minimal LM-only section (no image slots: a text
+  vocabulary plus RadFM's two marker ids, fp32, no remat)."""
   if base is None:
-    m = ml_collections.ConfigDict(dict(vocab_size=vocab_size, dtype="float32", param_dtype="float32",
-                                       remat="none", scan_layers=True))
+    m = ml_collections.ConfigDict(dict(vocab_size=vocab_size, max_images=0, tokens_per_image=32,
+                                       dtype="float32", param_dtype="float32", remat="none",
+                                       scan_layers=True))
   else:
     m = ml_collections.ConfigDict(base.to_dict())
     m.vocab_size = vocab_size

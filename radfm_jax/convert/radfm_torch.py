@@ -23,7 +23,7 @@ import numpy as np
 
 from radfm_jax.convert.hf_llama import lm_dropped, lm_rules
 from radfm_jax.convert.mapping import Layout, Report, Rule
-from radfm_jax.convert.sources import open_source
+from radfm_jax.convert.sources import Source, open_source
 
 LM_PREFIX = "lang_model."
 EMBED_ALIAS = "embedding_layer.weight"
@@ -90,16 +90,17 @@ def radfm_layout() -> Layout:
                 aliases={EMBED_ALIAS: LM_PREFIX + "model.embed_tokens.weight"})
 
 
-def import_radfm_torch(src: str, cfg: ml_collections.ConfigDict, dst: str, *, mesh: Any = None,
+def import_radfm_torch(src: str | Source, cfg: ml_collections.ConfigDict, dst: str, *, mesh: Any = None,
                        dtype: Any = None, overwrite: bool = False) -> Report:
   """RadFM's `pytorch_model.bin` (or a safetensors copy) -> a "radfm" checkpoint at `dst`.
 
-  `cfg` is a full config whose model section matches the file (e.g. configs/radfm_13b.py); params go
+  `src` is a path or an open `Source`. `cfg` is a full config whose model section matches the file (e.g. configs/radfm_13b.py); params go
   onto `mesh` (default: cfg.mesh) one tensor at a time, cast to `dtype` if given.
   """
   from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else common.default_mesh(cfg)
-  return common.torch_to_checkpoint(open_source(src), radfm_layout(), cfg, "radfm", dst, mesh=mesh,
+  return common.torch_to_checkpoint(
+      src if isinstance(src, Source) else open_source(src), radfm_layout(), cfg, "radfm", dst, mesh=mesh,
                                     dtype=dtype, overwrite=overwrite,
                                     extra={"source_format": "radfm-torch"})
 
