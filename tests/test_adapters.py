@@ -546,3 +546,20 @@ def test_build_radfm_rp3d_case(case_root, tmp_path):
   assert len(set(keys)) == 3 and [p["index"] for p in rec["provenance"]["images"]] == [0, 1, 2]
   for n, key in enumerate(keys):
     np.testing.assert_array_equal(store.read_volume(key)[..., 0], scans[n, 0])
+
+
+def test_build_cli_adapter_opts(tmp_path):
+  """--adapter_opts passes JSON options through to the adapter; bad JSON is a usage error naming the flag."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  from radfm_jax.data.store import Store  # noqa: PLC0415
+  base = [sys.executable, "-m", "radfm_jax.data.build", "--from=radfm", "--dataset=vqa_rad",
+          f"--src={FX / 'vqa_rad.csv'}", f"--image_root={tmp_path}", "--workers=0", "--noprogress"]
+  proc = subprocess.run(base + [f"--out={tmp_path / 'a'}", '--adapter_opts={"dataset": "vqa_rad_v2"}'],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode > 0  # the fixture's images are absent here: every row fails, all recorded
+  failures = Store.open(str(tmp_path / "a")).report["failures"]
+  assert failures and all(str(f["sample"]).startswith("vqa_rad_v2/") for f in failures if f["sample"])
+  proc = subprocess.run(base + [f"--out={tmp_path / 'b'}", "--adapter_opts={window: 3"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "--adapter_opts is not valid JSON" in proc.stderr

@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -275,6 +276,8 @@ def define_flags() -> None:
   flags.DEFINE_string("split", "train", "radfm: split of the released file (train|val|test)")
   flags.DEFINE_integer("seed", 0, "radfm: prompt-pool seed")
   flags.DEFINE_string("strip_prefix", None, "radfm: prefix removed from released image paths")
+  flags.DEFINE_string("adapter_opts", None,
+                      'radfm: JSON object of adapter options, e.g. \'{"window": 30, "paper_root": "papers"}\'')
   flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "parallel readers (0: inline)")
   flags.DEFINE_enum("pool", "thread", ["thread", "process"], "worker kind")
   flags.DEFINE_list("chunks", None, "chunk shape h,w,d (default store.DEFAULT_CHUNKS)")
@@ -301,6 +304,14 @@ def build_from_flags() -> dict[str, Any]:
   opts: dict[str, Any] = {"split": f.split, "seed": f.seed}
   if f.strip_prefix:
     opts["strip_prefix"] = f.strip_prefix
+  if f.adapter_opts:
+    try:
+      extra = json.loads(f.adapter_opts)
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f"--adapter_opts is not valid JSON: {e}") from e
+    if not isinstance(extra, dict):
+      raise app.UsageError(f"--adapter_opts must be a JSON object, got {type(extra).__name__}")
+    opts.update(extra)
   samples = adapters.get(f.dataset)(f.src, f.image_root, **opts)
   return ingest_samples(samples, src_root=f.image_root, **common)
 
