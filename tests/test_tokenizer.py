@@ -187,3 +187,23 @@ def test_rejects_model_with_other_bos_eos(tmp_path):
     tok_lib.Tokenizer(buf.getvalue(), max_images=1, tokens_per_image=1)
   with pytest.raises(FileNotFoundError, match="nowhere.model"):
     tok_lib.Tokenizer.load(tmp_path / "nowhere.model", max_images=1, tokens_per_image=1)
+
+
+def test_cli_trains_on_a_store(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from radfm_jax.data import schema  # pylint: disable=g-import-not-at-top
+  from radfm_jax.data.store import StoreWriter  # pylint: disable=g-import-not-at-top
+  w = StoreWriter(str(tmp_path / "store"))
+  for i, q in enumerate(corpus(40)):
+    w.add_record(schema.Sample(id=f"s{i}", task="vqa", question=q, answer="yes",
+                               split="train" if i % 4 else "val").to_record([], {}))
+  w.finish({})
+  out = subprocess.run([sys.executable, "-m", "radfm_jax.data.tokenizer", f"--store={tmp_path / 'store'}",
+                        "--vocab_size=128", f"--out={tmp_path / 'tk'}"], capture_output=True, text=True,
+                       check=True)
+  assert "128 text ids" in out.stdout
+  tok = tok_lib.Tokenizer.load(tmp_path / "tk.model", max_images=1, tokens_per_image=2)
+  assert tok.text_vocab_size == 128 and tok.decode(tok.encode("left lung")) == "left lung"
+  with pytest.raises(ValueError, match="no text in store .* split 'test'"):
+    tok_lib.train_tokenizer(str(tmp_path / "store"), str(tmp_path / "x"), 64, split="test")

@@ -128,7 +128,8 @@ class BatchBuilder:
 
   # ------------------------------------------------------------------ images
 
-  def _row_images(self, text: dict[str, Any], grid, slots: int, rng) -> np.ndarray:
+  def _row_images(self, text: dict[str, Any], grid, rng, out: np.ndarray) -> None:
+    """Reads and preprocesses the row's images into `out` [S, *grid, 3] (left zero on failure)."""
     stores = self._stores()
     vols, metas, names = [], [], []
     for d, key in text["keys"]:
@@ -140,13 +141,12 @@ class BatchBuilder:
       except Exception as e:  # pylint: disable=broad-except
         raise _SkipRow(f"{name}: unreadable volume ({type(e).__name__}: {e})") from e
       names.append(name)
-    out = np.zeros((slots, *grid, 3), np.float32)
     try:
       if vols:
-        out[:len(vols)] = preprocess.prepare_sample(vols, metas, self.spec, rng=rng, names=names, grid=grid)
+        preprocess.prepare_sample(vols, metas, self.spec, rng=rng, names=names, grid=grid, out=out)
     except ValueError as e:
+      out[...] = 0
       raise _SkipRow(str(e)) from e
-    return out
 
   # ------------------------------------------------------------------ batch
 
@@ -188,7 +188,7 @@ class BatchBuilder:
         if not text["length"]:
           continue
         row_rng = None if seed is None else np.random.default_rng([seed, i])
-        images = self._row_images(text, grid, s, row_rng)
+        self._row_images(text, grid, row_rng, batch["images"][j])
       except _SkipRow as e:
         if self.on_corrupt == "fail":
           raise ValueError(f"row {ids[i]} ({self._describe(ids[i])}): {e}") from e
@@ -198,7 +198,6 @@ class BatchBuilder:
       n = text["length"]
       for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids"):
         batch[k][j, :n] = text[k]
-      batch["images"][j] = images
       batch["image_mask"][j, :len(text["keys"])] = True
     batch["num_skipped"] = np.int32(skipped)
     return batch

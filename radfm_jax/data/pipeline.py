@@ -41,6 +41,15 @@ from radfm_jax.data import preprocess
 from radfm_jax.data import tokenizer as tokenizer_lib
 
 
+DEVICE_KEYS = collate.DEVICE_KEYS
+HOST_KEYS = collate.HOST_KEYS
+
+
+def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The keys the model step takes (the rest stay on the host)."""
+  return {k: batch[k] for k in DEVICE_KEYS}
+
+
 @dataclasses.dataclass
 class Plan:
   """What the pipeline will read: sources, rows and the (dataset, group) streams."""

@@ -184,8 +184,11 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float
 
 def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: ImageSpec,
                   grid: Sequence[int], *, rng: np.random.Generator | None = None,
-                  name: str = "volume") -> np.ndarray:
-  """One stored volume [H, W, D, C] -> float32 [*grid, 3] in [0, 1]. `rng` only in training."""
+                  name: str = "volume", out: np.ndarray | None = None) -> np.ndarray:
+  """One stored volume [H, W, D, C] -> float32 [*grid, 3] in [0, 1]. `rng` only in training.
+
+  `out` (float32 [*grid, 3], e.g. a row of a batch) is written in place and returned.
+  """
   vol = np.asarray(volume)
   if vol.ndim != 4 or vol.size == 0:
     raise ValueError(f"{name}: expected a non-empty [H, W, D, C] array, got shape {vol.shape}")
@@ -200,29 +203,34 @@ def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: Imag
   if rng is not None and (flat or spec.crop_3d) and spec.crop_scale != (1.0, 1.0):
     top, left, ch, cw = random_crop_box(vol.shape[0], vol.shape[1], rng, spec.crop_scale)
     vol = vol[top:top + ch, left:left + cw]
-  h, w, d = grid
+  h, w, d = (int(x) for x in grid)
   method = spec.interpolation_2d if flat else spec.interpolation_3d
   vol = resize(vol, (h, w, 1 if flat else d), method)
-  out = vol.astype(np.float32)
-  out -= np.float32(lo)
-  out *= np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
-  np.clip(out, 0.0, 1.0, out=out)
-  if flat and d != 1:
-    out = np.repeat(out, d, axis=2)
-  if out.shape[3] == 1:
-    out = np.repeat(out, 3, axis=3)
+  x = vol.astype(np.float32)  # one float pass at the output grid (x 1 or 3 channels), then in place
+  x -= np.float32(lo)
+  x *= np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+  np.clip(x, 0.0, 1.0, out=x)
+  if out is None:
+    out = np.empty((h, w, d, 3), np.float32)
+  elif out.shape != (h, w, d, 3) or out.dtype != np.float32:
+    raise ValueError(f"{name}: out buffer {out.shape} {out.dtype}, expected {(h, w, d, 3)} float32")
+  out[...] = x  # broadcasts a 2D image along depth and grayscale to 3 channels
   return out
 
 
 def prepare_sample(volumes: Sequence[np.ndarray], metas: Sequence[Mapping[str, Any] | None],
                    spec: ImageSpec, *, rng: np.random.Generator | None = None,
-                   names: Sequence[str] | None = None,
-                   grid: Sequence[int] | None = None) -> np.ndarray:
-  """A sample's volumes -> float32 [S, H, W, D, 3] on the sample's grid (or the `grid` given)."""
+                   names: Sequence[str] | None = None, grid: Sequence[int] | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+  """A sample's volumes -> float32 [S, H, W, D, 3] on the sample's grid (or the `grid` given).
+
+  `out` (float32 [>= S, H, W, D, 3]) receives the images in its first S slots, in place.
+  """
   if grid is None:
     grid = sample_grid([v.shape for v in volumes], metas, spec)
   names = names or [f"image {i}" for i in range(len(volumes))]
-  out = np.zeros((len(volumes), *grid, 3), np.float32)
+  if out is None:
+    out = np.empty((len(volumes), *grid, 3), np.float32)
   for i, (vol, meta) in enumerate(zip(volumes, metas)):
-    out[i] = prepare_image(vol, meta, spec, grid, rng=rng, name=names[i])
+    prepare_image(vol, meta, spec, grid, rng=rng, name=names[i], out=out[i])
   return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -242,8 +243,13 @@ def train_tokenizer(source: Iterable[str] | Any, out_prefix: str, vocab_size: in
   if isinstance(source, (str, os.PathLike)):
     from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
     source = store_lib.Store.open(str(source))
+  where = f"store {getattr(source, 'root', '?')} split {split!r}" if hasattr(source, "records") else "texts"
   texts = _store_texts(source, split) if hasattr(source, "records") else iter(source)
   texts = (t for t in texts if t and t.strip())
+  first = next(texts, None)
+  if first is None:
+    raise ValueError(f"train_tokenizer: no text in {where}")
+  texts = itertools.chain([first], texts)
   if byte_fallback is None:
     byte_fallback = vocab_size >= 1024
   buf = io.BytesIO()
