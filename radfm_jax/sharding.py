@@ -6,7 +6,9 @@ carry logical axis names (`nnx.Param` metadata `out_sharding`, see radfm_jax/mod
 
 Rules (weights): embed -> fsdp; heads, kv_heads, mlp, vocab -> tensor; everything else (layers,
 head_dim, norm, patch, pos, latents, marker, vis_embed) replicated. Activations: batch -> (data, fsdp).
-A dimension not divisible by its mesh axes' size is replicated instead (noted by `state_shardings`).
+A dimension not divisible by its mesh axes' size is replicated instead (`spec_for`).
+Activations are constrained (`constrain`: batch over (data, fsdp), logits' vocab over tensor) when the
+model runs under `with jax.set_mesh(mesh):`; without a mesh context the constraints are no-ops.
 
   mesh = make_mesh(cfg.mesh)                       # e.g. dict(data=-1, fsdp=1, tensor=1)
   graphdef, state = create_sharded(cfg.model, mesh, seed)   # params born sharded
@@ -41,6 +43,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("latents", None),
     ("marker", None),
     ("vis_embed", None),
+    ("length", None),
+    ("act_embed", None),
 )
 
 data_spec = P(BATCH_AXES)
@@ -139,6 +143,15 @@ def create_sharded(cfg_model, mesh: Mesh, seed: int = 0, rules=RULES, model_cls:
   shardings = state_shardings(abs_state, mesh, rules)
   state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
   return graphdef, state
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Activation sharding constraint by logical names, active under `with jax.set_mesh(mesh)` (a mesh
+  with our axes); a no-op otherwise (single device, tests without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

@@ -61,7 +61,7 @@ class Dense(nnx.Module):
     n_in, n_out = len(self.in_features), len(self.out_features)
     if kernel_init is None:
       kernel_init = nnx.initializers.variance_scaling(
-          1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+          1.0, "fan_in", "normal", in_axis=tuple(range(n_in)),
           out_axis=tuple(range(n_in, n_in + n_out)))
     self.kernel = param(rngs, kernel_init, self.in_features + self.out_features, axes, param_dtype)
     self.bias = (param(rngs, nnx.initializers.zeros, self.out_features, axes[n_in:], param_dtype)

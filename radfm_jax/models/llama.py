@@ -32,6 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from radfm_jax.models import layers
+from radfm_jax.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
 
 
 class KVCache(NamedTuple):
@@ -84,7 +87,7 @@ class LlamaBlock(nnx.Module):
     x = x + self.o(layers.attention(q, k, v, mask, self.dtype))
     m = self.mlp_norm(x)
     x = x + self.down(jax.nn.silu(self.gate(m).astype(jnp.float32)).astype(m.dtype) * self.up(m))
-    return x, (k, v)
+    return constrain(x, ACT), (k, v)
 
 
 class Llama(nnx.Module):
@@ -113,7 +116,7 @@ class Llama(nnx.Module):
     return jnp.take(self.embed_tokens[...], jnp.clip(ids, 0, self.vocab_size - 1), axis=0).astype(self.dtype)
 
   def _head(self, x: jax.Array) -> jax.Array:
-    return self.lm_head(self.final_norm(x), out_dtype=jnp.float32)
+    return constrain(self.lm_head(self.final_norm(x), out_dtype=jnp.float32), ("batch", "length", "vocab"))
 
   def __call__(self, inputs: jax.Array | None = None, *, embeds: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -129,8 +132,8 @@ class Llama(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     slots = jnp.arange(t)
     mask = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, mask)[0], None), x,
-                              remat=self.remat, scan=self.scan)
+    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, mask)[0], None),
+                              constrain(x, ACT), remat=self.remat, scan=self.scan)
     return self._head(x)
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:

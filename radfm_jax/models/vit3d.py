@@ -35,6 +35,9 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax.models import layers
+from radfm_jax.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
 
 
 def position_indices(n: int, table_len: int, axis: str = "axis") -> np.ndarray:
@@ -66,7 +69,7 @@ class ViTBlock(nnx.Module):
     a = self.attn_norm(x)
     x = x + self.o(layers.attention(self.q(a), self.k(a), self.v(a), None, self.dtype))
     m = self.mlp_norm(x)
-    return x + self.fc2(jax.nn.gelu(self.fc1(m), approximate=False))
+    return constrain(x + self.fc2(jax.nn.gelu(self.fc1(m), approximate=False)), ACT)
 
 
 class VisionTransformer3D(nnx.Module):
@@ -137,6 +140,6 @@ class VisionTransformer3D(nnx.Module):
     gh, gw, gd = self.grid(volumes.shape)
     x = self.patch_norm_out(self.patch_proj(self.patch_norm_in(self.patchify(volumes))))
     x = (x.astype(jnp.float32) + self.pos_embedding(gh, gw, gd).astype(jnp.float32)).astype(self.dtype)
-    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h), None), x,
+    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h), None), constrain(x, ACT),
                               remat=self.remat, scan=self.scan)
     return x
