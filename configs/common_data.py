@@ -17,7 +17,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   # -- what to read ---------------------------------------------------------------------------------
   d.store = ""                 # store root (local path or a TensorStore kvstore URL, e.g. gs://...)
-  d.mix = None                 # mixture [{"name", "store", "weight"}, ...] (configs/mixes.py); overrides store
+  d.mix = None                 # [{"name", "store", "weight"}, ...] (configs/mixes.py); overrides store
   d.tasks = None               # restrict to these schema.TASKS (None = all)
   d.train_split = "train"
   d.eval_split = "val"

@@ -1,5 +1,6 @@
 """Grain pipeline over tiny StoreWriter-built stores: shapes, contents, sharding, mixing, packing,
 corrupt volumes and iterator resume with worker processes (radfm_jax.data.pipeline)."""
+import json
 import pathlib
 
 import numpy as np
@@ -267,9 +268,10 @@ def test_resume_from_state_with_workers(store, tok):
   cfg = cfg_for(store, workers=2, worker_buffer=1)
   it = pipeline.make_pipeline(cfg, tok, split="train", train=True, seed=5, process_index=0, process_count=1)
   take(it, 3)
-  state = it.get_state()
+  state = json.loads(json.dumps(it.get_state()))  # what grain.checkpoint.CheckpointSave writes
   want = take(it, 4)
-  fresh = pipeline.make_pipeline(cfg, tok, split="train", train=True, seed=5, process_index=0, process_count=1)
+  fresh = pipeline.make_pipeline(cfg, tok, split="train", train=True, seed=5, process_index=0,
+                                 process_count=1)
   fresh.set_state(state)
   got = take(fresh, 4)
   for a, b in zip(want, got):

@@ -1,4 +1,4 @@
-"""Shared image preprocessing: intensity, grids, resize parity with torch, crops (radfm_jax.data.preprocess)."""
+"""radfm_jax.data.preprocess: intensity, grids, resize parity with torch, crops."""
 import ml_collections
 import numpy as np
 import pytest

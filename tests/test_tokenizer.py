@@ -1,4 +1,4 @@
-"""Tokenizer: id layout, chunked prompt building, loss masks, truncation, training (radfm_jax.data.tokenizer)."""
+"""radfm_jax.data.tokenizer: id layout, chunked prompt building, loss masks, truncation, training."""
 import random
 
 import numpy as np
@@ -13,7 +13,8 @@ WORDS = ("what modality is this scan it a ct mr x-ray of the chest there lesion 
 
 def corpus(n=300, seed=0):
   rng = random.Random(seed)
-  return [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "? Findings: 12, 3." for _ in range(n)]
+  return [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "? Findings: 12, 3."
+          for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,17 @@ def test_cli_trains_on_a_store(tmp_path):
   assert tok.text_vocab_size == 128 and tok.decode(tok.encode("left lung")) == "left lung"
   with pytest.raises(ValueError, match="no text in store .* split 'test'"):
     tok_lib.train_tokenizer(str(tmp_path / "store"), str(tmp_path / "x"), 64, split="test")
+
+
+def test_from_config_checks_vocab(model_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import common_data  # pylint: disable=g-import-not-at-top
+  model = ml_collections.ConfigDict(dict(vocab_size=300, max_images=2, tokens_per_image=5))
+  tok = tok_lib.Tokenizer.from_config(
+      common_data.data_config(tokenizer=model_path, upstream_image_position=True), model)
+  assert tok.vocab_size == 300 + 2 + 10 and tok.upstream_image_position
+  model.vocab_size = 512
+  with pytest.raises(ValueError, match="300 text ids but model.vocab_size is 512"):
+    tok_lib.Tokenizer.from_config(common_data.data_config(tokenizer=model_path), model)
+  with pytest.raises(ValueError, match="data.tokenizer is empty"):
+    tok_lib.Tokenizer.from_config(common_data.data_config(), model)

@@ -170,7 +170,8 @@ class BatchBuilder:
     start = self.process_index * b
     seed = None if rng is None else int(rng.integers(2**63))
     p = self.rows.shape[1]
-    batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+    text_keys = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
+    batch = {k: np.zeros((b, t), np.int32) for k in text_keys}
     batch["inputs"][:] = self.tok.pad_id
     batch["targets"][:] = self.tok.pad_id
     batch["images"] = np.zeros((b, s, *grid, 3), np.float32)
@@ -196,7 +197,7 @@ class BatchBuilder:
         skipped += 1
         continue
       n = text["length"]
-      for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids"):
+      for k in text_keys:
         batch[k][j, :n] = text[k]
       batch["image_mask"][j, :len(text["keys"])] = True
     batch["num_skipped"] = np.int32(skipped)

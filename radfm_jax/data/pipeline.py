@@ -168,7 +168,8 @@ def plan(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: str, train
   rows = np.concatenate(all_rows) if all_rows else np.zeros((0, max_samples, 2), np.int32)
   row_group = np.concatenate(all_groups) if all_groups else np.zeros((0,), np.int32)
   if not streams:
-    raise ValueError(f"no {split} records in {[s.root for s in sources]} (tasks={tasks}, excluded={excluded})")
+    raise ValueError(f"no {split} records in {[s.root for s in sources]} (tasks={tasks}, "
+                     f"excluded={excluded})")
   return Plan(sources=sources, weights=weights, num_records=num_records, rows=rows, row_group=row_group,
               streams=streams, excluded=excluded,
               len_buckets=_buckets(data_cfg.get("len_buckets"), int(data_cfg.max_len), "len_buckets"),

@@ -115,7 +115,8 @@ def sample_grid(shapes: Sequence[Sequence[int]], metas: Sequence[Mapping[str, An
   return grid_of(sample_depth(shapes, metas, spec), spec)
 
 
-def intensity_range(volume: np.ndarray, meta: Mapping[str, Any] | None, intensity: str) -> tuple[float, float]:
+def intensity_range(volume: np.ndarray, meta: Mapping[str, Any] | None,
+                    intensity: str) -> tuple[float, float]:
   """(lo, hi) such that (x - lo) / (hi - lo), clipped, is the [0, 1] image."""
   meta = meta or {}
   window = _window(intensity)

@@ -57,7 +57,8 @@ class Tokenizer:
     self._sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     got = (self._sp.bos_id(), self._sp.eos_id())
     if got != (BOS_ID, EOS_ID):
-      raise ValueError(f"tokenizer {name}: bos/eos ids are {got}, expected ({BOS_ID}, {EOS_ID}) as LLaMA/RadFM")
+      raise ValueError(f"tokenizer {name}: bos/eos ids are {got}, expected ({BOS_ID}, {EOS_ID}) as "
+                       "LLaMA/RadFM")
     if max_images < 0 or tokens_per_image <= 0:
       raise ValueError(f"max_images={max_images}, tokens_per_image={tokens_per_image}: expected >= 0 and > 0")
     self.max_images = max_images
@@ -79,6 +80,19 @@ class Tokenizer:
       raise FileNotFoundError(f"tokenizer model {model_path} does not exist")
     return cls(path.read_bytes(), max_images=max_images, tokens_per_image=tokens_per_image,
                upstream_image_position=upstream_image_position, name=str(model_path))
+
+  @classmethod
+  def from_config(cls, data_cfg: Any, model_cfg: Any) -> Tokenizer:
+    """The run's tokenizer: data.tokenizer with the model's image slots; checks the text vocabulary."""
+    if not data_cfg.get("tokenizer"):
+      raise ValueError("data.tokenizer is empty: give a SentencePiece .model path")
+    tok = cls.load(data_cfg.tokenizer, max_images=int(model_cfg.max_images),
+                   tokens_per_image=int(model_cfg.tokens_per_image),
+                   upstream_image_position=bool(data_cfg.get("upstream_image_position", False)))
+    if tok.text_vocab_size != int(model_cfg.vocab_size):
+      raise ValueError(f"tokenizer {data_cfg.tokenizer} has {tok.text_vocab_size} text ids but "
+                       f"model.vocab_size is {model_cfg.vocab_size}")
+    return tok
 
   # ---------------------------------------------------------------- ids
 
@@ -264,7 +278,8 @@ def train_tokenizer(source: Iterable[str] | Any, out_prefix: str, vocab_size: in
   if len(proto.pieces) > vocab_size:
     raise RuntimeError(f"sentencepiece produced {len(proto.pieces)} pieces for vocab_size {vocab_size}")
   for i in range(len(proto.pieces), vocab_size):
-    proto.pieces.add(piece=f"<unused{i}>", score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED)
+    proto.pieces.add(piece=f"<unused{i}>", score=0.0,
+                     type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED)
   proto.trainer_spec.vocab_size = vocab_size
   model = proto.SerializeToString()
   from etils import epath  # pylint: disable=g-import-not-at-top
