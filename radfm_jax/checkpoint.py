@@ -318,6 +318,11 @@ def _radfm_from_lm(ckpt_dir: str, cfg: ml_collections.ConfigDict, mesh: jax.shar
                    ) -> nnx.Module:
   from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
   from radfm_jax.models.radfm import RadFM  # pylint: disable=g-import-not-at-top
+  missing = [k for k in ("vision", "resampler", "max_images", "tokens_per_image") if k not in cfg.model]
+  if missing or not cfg.model.max_images:
+    raise ValueError(f"{ckpt_dir}: LM-only checkpoint whose config has no RadFM image sections "
+                     f"({missing or 'max_images=0'}); convert it with --config=<a RadFM config> to load "
+                     "it as a RadFM")
   seed = int(cfg.get("seed", 0))
   if mesh is None:
     model = RadFM(cfg.model, rngs=nnx.Rngs(seed))
