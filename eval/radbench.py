@@ -103,6 +103,9 @@ def main(argv: Sequence[str]) -> None:
         _CHECKPOINT.value, _STORE.value, _SPLIT.value, tasks=_TASKS.value or None, limit=_LIMIT.value,
         batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
     source = f"{_CHECKPOINT.value} on {_STORE.value} [{_SPLIT.value}]"
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_index() != 0:
+      return  # every process generates (sharded); process 0 scores and writes
   for e in errors:
     logging.warning("skipped %s row %s: %s", e.source, e.row, e.reason)
   if not items:
