@@ -8,7 +8,8 @@ P + max_new_tokens slots) and a `lax.while_loop` of single-token steps that stop
 emitted `eos_id` or after `max_new_tokens`. Prompts are LEFT-padded (`prompt_mask` False on the left);
 positions count real tokens only and padded slots are masked, so a row's output does not depend on the
 other rows or on its padding. Greedy when temperature == 0; otherwise temperature / top-k / top-p
-sampling. eos defaults to 2 (the id RadFM was trained to stop on; its shipped config says 1, a bug).
+sampling (one compiled program per (shapes, max_new_tokens, greedy-or-not); eos, pad, temperature,
+top-k and top-p are runtime values). eos defaults to 2 (the id RadFM was trained to stop on; its shipped config says 1, a bug).
 """
 from __future__ import annotations
 
@@ -25,31 +26,30 @@ from radfm_jax.models import radfm as radfm_lib
 from radfm_jax.models.llama import Llama
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Next token ids [B] from logits [B, V]: argmax when temperature == 0, else a sample from the
-  temperature-scaled distribution restricted to the top_k ids (0 = all) and the top_p nucleus."""
-  if temperature == 0.0:
+def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: Any = 0.0, top_k: Any = 0,
+                  top_p: Any = 1.0) -> jax.Array:
+  """Next token ids [B] from logits [B, V]: argmax when temperature is (Python) 0, else a sample from
+  softmax(logits / temperature) restricted to the top_k ids (0 = all) and then to the smallest set whose
+  renormalised mass reaches top_p (Hugging Face order). temperature, top_k, top_p may be traced."""
+  if isinstance(temperature, (int, float)) and temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
+  v = logits.shape[-1]
   neg = jnp.finfo(jnp.float32).min
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if top_p < 1.0:
-    srt = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(srt, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly above each sorted id
-    keep = before < top_p                                 # always keeps the most likely id
-    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < thresh, neg, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  srt = jnp.sort(logits, axis=-1)[:, ::-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  in_k = jnp.arange(v) < k
+  probs = jax.nn.softmax(jnp.where(in_k, srt, neg), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs            # mass strictly above each sorted id
+  keep = in_k & (before < top_p)                         # always keeps the most likely id
+  thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+  return jax.random.categorical(rng, jnp.where(logits < thresh, neg, logits), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id",
-                                             "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, *, max_new_tokens,
-              eos_id, pad_id, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, sampling, *,
+              max_new_tokens, greedy):
+  eos_id, pad_id, temperature, top_k, top_p = sampling
   model = nnx.merge(graphdef, state)
   b, p = prompt_ids.shape
   if isinstance(model, Llama):  # LM-only model: text prompts
@@ -71,8 +71,10 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng,
 
   def body(c):
     i, last, cache, out, done = c
-    key = None if rng is None else jax.random.fold_in(rng, i)
-    tok = sample_logits(last, key, temperature, top_k, top_p)
+    if greedy:
+      tok = sample_logits(last, None)
+    else:
+      tok = sample_logits(last, jax.random.fold_in(rng, i), temperature, top_k, top_p)
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
     done = done | (tok == eos_id)
@@ -137,12 +139,13 @@ def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, ma
     raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+  greedy = temperature == 0
+  sampling = (jnp.int32(eos_id), jnp.int32(pad_id), jnp.float32(temperature if not greedy else 1.0),
+              jnp.int32(top_k), jnp.float32(top_p))
   return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
                    None if images is None else jnp.asarray(images),
                    None if image_mask is None else jnp.asarray(image_mask, bool),
-                   rng if temperature > 0 else None, max_new_tokens=int(max_new_tokens),
-                   eos_id=int(eos_id), pad_id=int(pad_id), temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p))
+                   None if greedy else rng, sampling, max_new_tokens=int(max_new_tokens), greedy=greedy)
 
 
 def trim(ids: np.ndarray, eos_id: int = 2) -> list[list[int]]:
