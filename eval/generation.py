@@ -45,17 +45,6 @@ class Prepared:
   keys: list[str]
 
 
-def load_tokenizer(cfg: Any, text_only: bool) -> tokenizer_lib.Tokenizer:
-  """The checkpoint's tokenizer (cfg.data.tokenizer, pointed at the checkpoint's copy by load_config)."""
-  path = cfg.get("data", {}).get("tokenizer") if hasattr(cfg, "get") else None
-  if not path:
-    raise ValueError("the checkpoint's config has no data.tokenizer; cannot build prompts")
-  m = cfg.model
-  return tokenizer_lib.Tokenizer.load(
-      path, max_images=0 if text_only else int(m.max_images), tokens_per_image=int(m.get("tokens_per_image", 1)),
-      upstream_image_position=bool(cfg.data.get("upstream_image_position", False)))
-
-
 def prepare(records: Sequence[dict[str, Any]], store: Store, tok: tokenizer_lib.Tokenizer,
             spec: preprocess.ImageSpec, *, max_prompt: int, text_only: bool
             ) -> tuple[list[Prepared], list[RowError]]:
@@ -132,8 +121,10 @@ def predict(model, cfg, records: Sequence[dict[str, Any]], store: Store, *, mesh
   """Greedy predictions for `records` (see the module doc). Returns items in record order."""
   from radfm_jax.models.llama import Llama  # pylint: disable=import-outside-toplevel
   text_only = isinstance(model, Llama)
-  tok = load_tokenizer(cfg, text_only)
-  data_cfg = cfg.get("data", {})
+  if "data" not in cfg:
+    raise ValueError("the checkpoint's config has no data section (tokenizer, image sizes)")
+  data_cfg = cfg.data
+  tok = tokenizer_lib.Tokenizer.from_config(data_cfg, cfg.model)
   spec = preprocess.ImageSpec.from_config(data_cfg)
   max_prompt = int(cfg.model.lm.max_len) - int(max_new_tokens)
   if max_prompt < 2:

@@ -75,7 +75,7 @@ def test_text_only_baseline_then_cli_model_mode(setup, tmp_path):
 def test_bad_records_are_recorded_not_fatal(setup):
   ckpt, store = setup
   cfg = checkpoint.load_config(ckpt)
-  tok = generation.load_tokenizer(cfg, text_only=False)
+  tok = tokenizer_lib.Tokenizer.from_config(cfg.data, cfg.model)
   st = Store.open(store)
   recs = st.records(split="test")[:2]
   bad = [dict(recs[0], id="too-long", question="word " * 400), dict(recs[1], id="bad-task", task="surgery")]
