@@ -205,6 +205,47 @@ def test_radfm_torch_bf16_and_lm_size_by_config(radfm_bin, tmp_path):
   np.testing.assert_array_equal(got[0], want.astype(ml_dtypes.bfloat16))
 
 
+def test_radfm_13b_key_table_matches_the_reference():
+  """The full-size table, from abstract params only (no allocation): every documented key with the
+  documented shape (spot-checked against the literal numbers of radfm_reference.md section 3)."""
+  from configs import radfm_13b
+  from radfm_jax.convert.common import abstract_params
+  from radfm_jax.convert.mapping import expected_keys
+  cfg = radfm_13b.get_config()
+  want = expected_keys(convert.radfm_layout(), abstract_params(cfg, "radfm", None))
+  assert want == documented_shapes(cfg.model)
+  ve, lm = "embedding_layer.vision_encoder.", "lang_model.model."
+  for key, shape in {ve + "to_patch_embedding.2.weight": (768, 12288), ve + "to_patch_embedding.1.weight": (12288,),
+                     ve + "pos_embedding.dep_embed.weight": (128, 256), ve + "transformer.layers.11.0.fn.to_qkv.weight": (1536, 768),
+                     ve + "transformer.layers.0.0.fn.to_out.0.weight": (768, 512),
+                     ve + "transformer.layers.0.1.fn.net.0.weight": (2048, 768),
+                     "embedding_layer.perceiver.latents": (32, 768), "embedding_layer.perceiver.layers.5.0.to_kv.weight": (1024, 768),
+                     "embedding_layer.perceiver.layers.0.1.1.weight": (3072, 768), "embedding_layer.fc.weight": (5120, 768),
+                     "embedding_layer.figure_token_weight": (2, 5120), "embedding_layer.weight": (32000, 5120),
+                     lm + "layers.39.self_attn.q_proj.weight": (5120, 5120), lm + "layers.0.mlp.down_proj.weight": (5120, 13824),
+                     "lang_model.lm_head.weight": (32000, 5120)}.items():
+    assert want[key] == shape, key
+  assert len(want) == 9 + 12 * 11 + 1 + 6 * 11 + 2 + 4 + 1 + 40 * 9 + 2
+
+
+def test_dry_run_reports_every_problem(radfm_bin, tmp_path):
+  from radfm_jax.convert.common import dry_run
+  cfg, sd, path = radfm_bin
+  assert dry_run(open_source(path), convert.radfm_layout(), cfg, "radfm") == []
+  bad = dict(sd)
+  del bad["embedding_layer.fc.bias"]
+  bad["lang_model.model.norm.weight"] = torch.zeros(7)
+  bad["embedding_layer.surprise"] = torch.zeros(1)
+  problems = dry_run(DictSource(bad), convert.radfm_layout(), cfg, "radfm")
+  assert problems == ["missing key 'embedding_layer.fc.bias' (expected shape [64])",
+                      "key 'lang_model.model.norm.weight' has shape [7], expected [64]",
+                      "key 'embedding_layer.surprise' is neither converted nor known to be unused"]
+  torch.save(bad, tmp_path / "bad.bin")
+  r = _cli("--from=radfm-torch", f"--src={tmp_path / 'bad.bin'}", "--config=configs/tiny.py", "--dry_run",
+           f"--dst={tmp_path / 'unused'}", ok=False)
+  assert r.returncode == 1 and "embedding_layer.fc.bias" in r.stdout and not os.path.exists(tmp_path / "unused")
+
+
 def _broken(sd, key, value=None):
   sd = dict(sd)
   if value is None:
@@ -251,10 +292,12 @@ def test_hf_config_rejects_unsupported_features():
 # CLI
 
 
-def _cli(*args):
+def _cli(*args, ok=True):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   r = subprocess.run([sys.executable, "-m", "radfm_jax.convert", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
+  if not ok:
+    return r
   assert r.returncode == 0, r.stderr[-3000:]
   return r.stdout
 

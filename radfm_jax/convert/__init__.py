@@ -5,6 +5,14 @@
   python -m radfm_jax.convert --from=radfm-torch --src=pytorch_model.bin --config=configs/radfm_13b.py \
       --dst=CKPT [--dtype=bfloat16]
   python -m radfm_jax.convert --to=radfm-torch --src=CKPT --dst=radfm_torch.bin
+  add --dry_run to an import to check every key and shape against the config without converting.
+
+Every source key is converted or on the layout's dropped list (else an error lists it); a missing key
+or a shape that disagrees with the config is an error naming the key, expected and actual shape.
+Tensors are read one at a time (torch files memory-mapped) and each parameter goes straight onto its
+sharding, so host memory holds the converted model once plus about one parameter.
+LM-only checkpoints ("llama", from Hugging Face) load as `Llama`; see radfm_jax.checkpoint for using
+them as the LM of a RadFM.
 
 Modules: sources (lazy torch/safetensors readers), mapping (key tables and the tensor-by-tensor
 engine), hf_llama and radfm_torch (the two layouts), common (checkpoint glue and writers).

@@ -14,8 +14,21 @@ config_flags.DEFINE_config_file("config", None, "model config (required for --fr
                                 "config.json)", lock_config=False)
 flags.DEFINE_string("dtype", None, "store parameters in this dtype (e.g. bfloat16); default: as config/source")
 flags.DEFINE_bool("overwrite", False, "replace an existing --dst checkpoint")
+flags.DEFINE_bool("dry_run", False, "--from only: check every key and shape of --src against the "
+                  "config without converting (reads no tensor data); exit status 1 on problems")
 flags.DEFINE_float("max_shard_gb", 5.0, "--to=hf-llama: safetensors shard size")
 FLAGS = flags.FLAGS
+
+
+def _dry_run(src_fmt: str, cfg) -> list[str]:
+  from radfm_jax.convert import common, hf_llama, radfm_torch, sources  # pylint: disable=g-import-not-at-top
+  src = sources.open_source(FLAGS.src)
+  if src_fmt == "hf-llama":
+    cfg = hf_llama.hf_llama_config(FLAGS.src, cfg)
+    return common.dry_run(src, hf_llama.hf_layout(), cfg, "llama")
+  if cfg is None:
+    raise app.UsageError("--from=radfm-torch needs --config (e.g. configs/radfm_13b.py)")
+  return common.dry_run(src, radfm_torch.radfm_layout(), cfg, "radfm")
 
 
 def main(argv):
@@ -27,6 +40,12 @@ def main(argv):
   if not FLAGS.src or not FLAGS.dst:
     raise app.UsageError("--src and --dst are required")
   cfg = FLAGS.config
+  if FLAGS.dry_run:
+    if src_fmt is None:
+      raise app.UsageError("--dry_run checks an import (--from=...)")
+    problems = _dry_run(src_fmt, cfg)
+    print("\n".join(problems) if problems else f"{FLAGS.src}: all keys and shapes match")
+    raise SystemExit(1 if problems else 0)
   if src_fmt == "hf-llama":
     report = convert.import_hf_llama(FLAGS.src, FLAGS.dst, base_cfg=cfg, dtype=FLAGS.dtype,
                                      overwrite=FLAGS.overwrite)

@@ -13,7 +13,7 @@ from absl import logging
 from flax import nnx
 
 from radfm_jax import checkpoint
-from radfm_jax.convert.mapping import Layout, Report, export_params, import_params
+from radfm_jax.convert.mapping import Layout, Report, check_source, export_params, import_params
 from radfm_jax.convert.sources import Source, numpy_to_torch
 
 
@@ -52,6 +52,12 @@ def torch_to_checkpoint(source: Source, layout: Layout, cfg: ml_collections.Conf
                         extra={"converted_from": source.name, **dict(extra or {}),
                                "dropped_keys": len(report.dropped)})
   return report
+
+
+def dry_run(source: Source, layout: Layout, cfg: ml_collections.ConfigDict, model_class: str) -> list[str]:
+  """Checks every key and shape of `source` against the model `cfg` builds, reading no tensor data.
+  Returns the problems found ([] = converts cleanly)."""
+  return check_source(source, layout, abstract_params(cfg, model_class, None))
 
 
 class CheckpointParams(Mapping):

@@ -150,6 +150,15 @@ def lm_model_config(lm: ml_collections.ConfigDict, vocab_size: int,
   return m
 
 
+def hf_llama_config(src_dir: str, base_cfg: ml_collections.ConfigDict | None = None
+                    ) -> ml_collections.ConfigDict:
+  """The full config of an LM imported from `src_dir`: `base_cfg` (if any) with the LM from config.json."""
+  lm, vocab = lm_config_from_hf(read_hf_config(src_dir), os.path.join(src_dir, "config.json"))
+  cfg = ml_collections.ConfigDict(base_cfg.to_dict()) if base_cfg is not None else ml_collections.ConfigDict()
+  cfg.model = lm_model_config(lm, vocab, cfg.get("model"))
+  return cfg
+
+
 def import_hf_llama(src_dir: str, dst: str, *, base_cfg: ml_collections.ConfigDict | None = None,
                     mesh: Any = None, dtype: Any = None, overwrite: bool = False) -> Report:
   """A Hugging Face LLaMA directory -> an LM-only ("llama") checkpoint at `dst`, dims from config.json.
@@ -160,9 +169,7 @@ def import_hf_llama(src_dir: str, dst: str, *, base_cfg: ml_collections.ConfigDi
   from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   from radfm_jax.convert.sources import open_source  # pylint: disable=g-import-not-at-top
   hf = read_hf_config(src_dir)
-  lm, vocab = lm_config_from_hf(hf, os.path.join(src_dir, "config.json"))
-  cfg = ml_collections.ConfigDict(base_cfg.to_dict()) if base_cfg is not None else ml_collections.ConfigDict()
-  cfg.model = lm_model_config(lm, vocab, cfg.get("model"))
+  cfg = hf_llama_config(src_dir, base_cfg)
   mesh = mesh if mesh is not None else common.default_mesh(cfg)
   return common.torch_to_checkpoint(open_source(src_dir), hf_layout(), cfg, "llama", dst, mesh=mesh,
                                     dtype=dtype, overwrite=overwrite,

@@ -126,6 +126,35 @@ def torch_shape(rule: Rule, shapes: Mapping[Path, tuple[int, ...]], i: int | Non
   return (sum(p[0] for p in parts),) + parts[0][1:]
 
 
+def expected_keys(layout: Layout, abstract: Mapping[Path, Any]) -> dict[str, tuple[int, ...]]:
+  """{torch key: expected shape} for every rule (layers expanded) and alias, from our abstract params:
+  a dry run that reads no tensor (e.g. to check a 53 GB file's keys and shapes in seconds)."""
+  shapes = {p: tuple(a.shape) for p, a in abstract.items()}
+  out: dict[str, tuple[int, ...]] = {}
+  for rule in layout.rules:
+    if rule.layered:
+      for i in range(_num_layers(rule, shapes)):
+        out[rule.theirs.format(i=i)] = torch_shape(rule, shapes, i)
+    else:
+      out[rule.theirs] = torch_shape(rule, shapes)
+  for key, same in layout.aliases.items():
+    out[key] = out[same]
+  return out
+
+
+def check_source(source: Source, layout: Layout, abstract: Mapping[Path, Any]) -> list[str]:
+  """Problems (missing keys, wrong shapes, unknown keys) of `source` against the layout, without
+  reading tensor data; [] when the source converts cleanly."""
+  want = expected_keys(layout, abstract)
+  have = set(source.keys())
+  problems = [f"missing key {k!r} (expected shape {list(s)})" for k, s in want.items() if k not in have]
+  problems += [f"key {k!r} has shape {list(source.shape(k))}, expected {list(s)}"
+               for k, s in want.items() if k in have and tuple(source.shape(k)) != s]
+  problems += [f"key {k!r} is neither converted nor known to be unused"
+               for k in sorted(have - set(want)) if not layout.is_dropped(k)]
+  return problems
+
+
 def _split_rows(rule: Rule, t: np.ndarray, shapes, i) -> list[np.ndarray]:
   sizes = [_part_torch_shape(rule, _layer_shape(rule, p, shapes, i))[0] for p in rule.ours]
   return np.split(t, np.cumsum(sizes)[:-1], axis=0)
