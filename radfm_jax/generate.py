@@ -121,20 +121,24 @@ def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, ma
              top_p: float = 1.0, rng: jax.Array | None = None) -> jax.Array:
   """Decodes up to `max_new_tokens` per row -> int32 [B, max_new_tokens] (eos, then pad_id after it).
 
-  model: a RadFM (or LM-only Llama) module, or its (graphdef, state). prompt_ids [B, P] LEFT-padded, prompt_mask [B, P]
-  (True = real token); images [B, S, H, W, D, C] with image_mask [B, S], or None for text only.
-  Sampling (temperature > 0) needs `rng`.
+  model: a RadFM (or LM-only Llama) module, or its (graphdef, state). prompt_ids [B, P] LEFT-padded,
+  prompt_mask [B, P] (True = real token); images [B, S, H, W, D, C] with image_mask [B, S], or None for text only.
+  Sampling (temperature > 0) needs `rng`. jax.Array inputs keep their sharding (e.g. batch over
+  ("data", "fsdp")); value checks run on the host when the inputs are fully addressable.
   """
   graphdef, state = _split(model)
   merged = nnx.merge(graphdef, state)  # cheap: no array copies
   cfg, text_only = merged.cfg, isinstance(merged, Llama)
   if text_only and images is not None:
     raise ValueError("an LM-only model (Llama) takes no images")
-  prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
   if images is not None and image_mask is None:
     image_mask = np.ones(np.shape(images)[:2], bool)
-  check_prompt(cfg, prompt_ids, prompt_mask, None if image_mask is None else np.asarray(image_mask),
-               max_new_tokens, text_only)
+  if all(_addressable(x) for x in (prompt_ids, prompt_mask, image_mask)):  # host checks where possible
+    check_prompt(cfg, np.asarray(prompt_ids), np.asarray(prompt_mask),
+                 None if image_mask is None else np.asarray(image_mask), max_new_tokens, text_only)
+  elif np.shape(prompt_ids)[1] + max_new_tokens > cfg.lm.max_len:
+    raise ValueError(f"prompt length {np.shape(prompt_ids)[1]} + max_new_tokens {max_new_tokens} exceeds "
+                     f"cfg.lm.max_len={cfg.lm.max_len}")
   if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
     raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
   if temperature > 0 and rng is None:
@@ -142,10 +146,22 @@ def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, ma
   greedy = temperature == 0
   sampling = (jnp.int32(eos_id), jnp.int32(pad_id), jnp.float32(temperature if not greedy else 1.0),
               jnp.int32(top_k), jnp.float32(top_p))
-  return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool),
-                   None if images is None else jnp.asarray(images),
-                   None if image_mask is None else jnp.asarray(image_mask, bool),
-                   None if greedy else rng, sampling, max_new_tokens=int(max_new_tokens), greedy=greedy)
+  return _generate(graphdef, state, _dev(prompt_ids, jnp.int32), _dev(prompt_mask, jnp.bool_),
+                   _dev(images), _dev(image_mask, jnp.bool_), None if greedy else rng, sampling,
+                   max_new_tokens=int(max_new_tokens), greedy=greedy)
+
+
+def _addressable(x) -> bool:
+  return x is None or not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _dev(x, dtype=None):
+  """To a device array; jax.Arrays keep their placement/sharding (cast only when the dtype differs)."""
+  if x is None:
+    return None
+  if isinstance(x, jax.Array):
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+  return jnp.asarray(x, dtype)
 
 
 def trim(ids: np.ndarray, eos_id: int = 2) -> list[list[int]]:
