@@ -1,0 +1,33 @@
+"""Top-level training keys shared by all training configs (radfm_jax.train reads them).
+
+  c = ml_collections.ConfigDict(); c.model = ...; c.mesh = ...; c.data = ...
+  add_train_config(c, total_steps=1000, optim=dict(lr=1e-4))
+
+Scripts rely on `seed`, `total_steps`, `log_every`, `checkpoint_every`; all keys are overridable with
+--config.key=value (e.g. --config.optim.lr=1e-4 --config.optim.freeze='("^lm/",)').
+"""
+import ml_collections
+
+from radfm_jax import optim
+
+
+def add_train_config(c: ml_collections.ConfigDict, *, optim_overrides=None, **overrides
+                     ) -> ml_collections.ConfigDict:
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.eval_every = 0            # steps between validations (0: only at the end)
+  c.eval_batches = 0          # validation batches per evaluation (0: the whole val split)
+  c.microbatches = 1          # gradient accumulation: the global batch is split into this many scans
+  c.nonfinite_limit = 10      # this many non-finite steps in a row stop the run
+  c.init_from = ""            # params checkpoint (radfm_jax.checkpoint) to start from: RadFM or LM-only
+  c.profile_steps = 0         # >0: profile this many steps (TensorBoard trace in the workdir)
+  c.profile_first = 5         # ... starting this many steps after the (re)start
+  c.optim = optim.default_config()
+  for k, v in (optim_overrides or {}).items():
+    c.optim[k] = v
+  for k, v in overrides.items():
+    c[k] = v
+  return c

@@ -1,0 +1,388 @@
+r"""Trains RadFM: the single training entry point, readable top to bottom.
+
+  python -m radfm_jax.train --config=configs/demo.py --workdir=runs/demo [--config.total_steps=100]
+
+Multi-process (one process per host; TPU pod slices and SLURM/MPI clusters need no extra flags):
+  python -m radfm_jax.train --config=... --workdir=... --coordinator=HOST:PORT --num_processes=N --process_id=I
+
+Sections: logging -> mesh -> data -> model -> sharding -> update step -> checkpoint -> evals -> loop.
+Top-level config keys read here (scripts rely on the first four):
+  seed, total_steps, log_every, checkpoint_every, keep_checkpoints, eval_every, eval_batches,
+  batch_size (global), microbatches (gradient accumulation by lax.scan), nonfinite_limit (K non-finite
+  steps in a row stop the run), init_from (params checkpoint to start from), profile_steps, optim.*
+  (radfm_jax/optim.py), model.*, mesh.*, data.*.
+The run resumes by itself from the latest complete checkpoint in the workdir (same data, same losses).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from radfm_jax import checkpoint_manager
+from radfm_jax import distributed
+from radfm_jax import metrics as metrics_lib
+from radfm_jax import optim
+from radfm_jax import sharding
+from radfm_jax import train_data
+from radfm_jax import train_state
+from radfm_jax.models import radfm
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+
+Batch = Mapping[str, Any]
+
+
+class NonFiniteError(RuntimeError):
+  """K consecutive steps had a non-finite loss or gradient."""
+
+
+# ====================================================================================================
+# Update step.
+# ====================================================================================================
+def _valid_tokens(batch: Batch, vocab: int) -> jax.Array:
+  t = batch["targets"]
+  return batch["loss_mask"].astype(bool) & (t >= 0) & (t < vocab)
+
+
+def _forward(layout: train_state.Layout, params, frozen, batch: Batch) -> jax.Array:
+  model = layout.model(params, frozen)
+  return model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
+               positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+
+
+def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
+  """`step(state, batch) -> (state, metrics)`: one optimizer step on the global batch, with gradient
+  accumulation over `cfg.microbatches` (lax.scan) and the non-finite guard. Not jitted (see `jit_step`).
+
+  The loss is the mean over all answer tokens of the global batch, so any microbatch split gives the
+  same gradient (up to float summation order).
+  """
+  vocab, n_micro = cfg.model.vocab_size, int(cfg.get("microbatches", 1))
+  lr_schedule = optim.schedule(cfg.optim, cfg.total_steps)
+
+  def loss_sum(params, frozen, mb):
+    logits = _forward(layout, params, frozen, mb)
+    loss, aux = radfm.loss(logits, mb["targets"], mb["loss_mask"])
+    n = aux["tokens"].astype(jnp.float32)
+    return loss * n, {"correct": aux["accuracy"] * n}
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+  def step(state, batch):
+    params, frozen = state["params"], state["frozen"]
+    n_tok = _valid_tokens(batch, vocab).sum().astype(jnp.float32)
+    if n_micro == 1:
+      (lsum, aux), grads = grad_fn(params, frozen, batch)
+    else:
+      b = batch["inputs"].shape[0]
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((b // n_micro, n_micro) + x.shape[1:]), 0, 1),
+                           dict(batch))
+      micro = jax.lax.with_sharding_constraint(
+          micro, jax.tree.map(lambda x: sharding.NamedSharding(
+              layout.mesh, sharding.P(None, sharding.BATCH_AXES)), micro))
+
+      def body(carry, mb):
+        (l, a), g = grad_fn(params, frozen, mb)
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      zeros = (jnp.zeros((), jnp.float32), {"correct": jnp.zeros((), jnp.float32)},
+               jax.tree.map(jnp.zeros_like, params))
+      (lsum, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+    denom = jnp.maximum(n_tok, 1.0)
+    loss = lsum / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(_):
+      updates, opt_state = layout.tx.update(grads, state["opt_state"], params)
+      return optax.apply_updates(params, updates), opt_state
+
+    new_params, new_opt = jax.lax.cond(ok, apply, lambda _: (params, state["opt_state"]), None)
+    guard = state["guard"]
+    new_state = {
+        "step": state["step"] + 1, "params": new_params, "frozen": frozen, "opt_state": new_opt,
+        "guard": {"consecutive": jnp.where(ok, 0, guard["consecutive"] + 1),
+                  "total": guard["total"] + (~ok).astype(jnp.int32)}}
+    text = (batch["inputs"] < vocab) & (batch["inputs"] > 0)
+    out = {"loss": loss, "token_accuracy": aux["correct"] / denom, "grad_norm": grad_norm,
+           "param_norm": optax.tree.norm(new_params), "learning_rate": lr_schedule(state["step"]),
+           "loss_tokens": n_tok, "text_tokens": text.sum(), "nonfinite": (~ok).astype(jnp.int32),
+           "nonfinite_consecutive": new_state["guard"]["consecutive"],
+           "nonfinite_total": new_state["guard"]["total"]}
+    if "image_mask" in batch:
+      out["images"] = batch["image_mask"].sum()
+    return new_state, out
+
+  return step
+
+
+def batch_shardings(batch: Batch, mesh) -> dict:
+  return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def jit_step(step: Callable, layout: train_state.Layout, batch: Batch) -> Callable:
+  """jit with explicit shardings: state in its layout (donated), batch over (data, fsdp), metrics
+  replicated."""
+  return jax.jit(step, in_shardings=(layout.shardings, batch_shardings(batch, layout.mesh)),
+                 out_shardings=(layout.shardings, sharding.replicated(layout.mesh)), donate_argnums=(0,))
+
+
+def to_global(host_batch: Batch, mesh) -> dict:
+  """This process's numpy batch -> global jax arrays sharded over (data, fsdp). Non-array fields
+  (e.g. eval metadata) stay on the host."""
+  out = {}
+  for k, v in host_batch.items():
+    if isinstance(v, np.ndarray) and v.dtype != object:
+      out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+  return out
+
+
+# ====================================================================================================
+# Evals.
+# ====================================================================================================
+def make_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
+  """`eval_step(state, batch) -> per-example {nll, tokens, exact}`. `exact`: every answer token is the
+  argmax, i.e. greedy decoding reproduces the answer (closed-question accuracy without generation)."""
+  vocab = cfg.model.vocab_size
+
+  def eval_step(state, batch):
+    logits = _forward(layout, state["params"], state["frozen"], batch).astype(jnp.float32)
+    valid = _valid_tokens(batch, vocab)
+    tgt = jnp.clip(batch["targets"], 0, vocab - 1)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
+    wrong = valid & (logits.argmax(-1) != tgt)
+    return {"nll": jnp.where(valid, nll, 0.0).sum(-1), "tokens": valid.sum(-1),
+            "exact": (~wrong).all(-1) & valid.any(-1)}
+
+  return eval_step
+
+
+def evaluate(eval_fn: Callable, state, batches: Iterator[Batch], mesh) -> dict[str, float]:
+  """Validation loss (per answer token), token accuracy-free summaries and closed-question accuracy
+  (overall and on image-dependent questions) over `batches`."""
+  nll = tok = 0.0
+  closed, closed_img = [], []
+  for host_batch in batches:
+    out = jax.device_get(eval_fn(state, to_global(host_batch, mesh)))
+    keep = np.asarray(host_batch.get("example_mask", np.ones(len(out["nll"]), bool)), bool)
+    nll += float(out["nll"][keep].sum())
+    tok += float(out["tokens"][keep].sum())
+    if "closed" in host_batch:
+      is_closed = keep & np.asarray(host_batch["closed"], bool)
+      closed.extend(out["exact"][is_closed])
+      if "image_dependent" in host_batch:
+        closed_img.extend(out["exact"][is_closed & np.asarray(host_batch["image_dependent"], bool)])
+  res = {"loss": nll / max(tok, 1.0), "answer_tokens": tok}
+  if closed:
+    res["closed_accuracy"] = float(np.mean(closed))
+    res["closed_count"] = float(len(closed))
+  if closed_img:
+    res["closed_image_accuracy"] = float(np.mean(closed_img))
+    res["closed_image_count"] = float(len(closed_img))
+  return res
+
+
+# ====================================================================================================
+# The run.
+# ====================================================================================================
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint); returns a summary."""
+  # ---------------------------------------------------------------------------------------- logging
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  _check_config(cfg)
+
+  # ------------------------------------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(cfg.mesh)
+  logging.info("Mesh %s", dict(mesh.shape))
+
+  # ------------------------------------------------------------------------------------------- data
+  data = train_data.TrainData(cfg, mesh)
+  train_iter = data.train_iterator()
+
+  # -------------------------------------------------------------------------------- model, sharding
+  layout = train_state.make_layout(cfg, mesh)
+  ckpts = checkpoint_manager.Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 3))
+  start = ckpts.latest_step()
+  if start is None:
+    state = train_state.init_state(cfg, layout)
+    start = 0
+  else:
+    logging.info("Resuming from checkpoint %d in %s", start, ckpts.directory)
+    state, data_restored = ckpts.restore(start, layout.abstract, train_iter)
+    if not data_restored:
+      train_iter = data.train_iterator(seed_offset=start)
+  n_train, n_frozen = (metrics_lib.count_params(state["params"]), metrics_lib.count_params(state["frozen"]))
+  logging.info("Parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
+  if jax.process_index() == 0 and start == 0:
+    from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+    parameter_overview.log_parameter_overview(
+        train_state.merge_params(state["params"], state["frozen"]), include_stats=False,
+        msg="Parameter overview (trainable and frozen)")
+  writer = metrics_lib.MetricsWriter(workdir, start_step=start)
+  peak, peak_src = metrics_lib.peak_flops(cfg.model.dtype)
+  logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_src)
+  towers = train_state.trainable_towers(state["params"])
+
+  # ------------------------------------------------------------------------------------ update step
+  step_fn = make_train_step(layout, cfg)
+  compiled: dict[Any, Callable] = {}  # batch-shape signature -> jitted step (static shape buckets)
+  flops: dict[Any, float] = {}
+
+  def run_step(state, host_batch):
+    key = tuple((k, v.shape) for k, v in sorted(host_batch.items()) if isinstance(v, np.ndarray))
+    batch = to_global(host_batch, mesh)
+    if key not in compiled:
+      compiled[key] = jit_step(step_fn, layout, batch)
+      flops[key] = _batch_flops(cfg, batch, towers)
+    return compiled[key](state, batch), flops[key]
+
+  # ------------------------------------------------------------------------------------- checkpoint
+  preemption = checkpoint_manager.Preemption()  # SIGTERM -> checkpoint at the end of the step, exit
+
+  # ------------------------------------------------------------------------------------------ evals
+  eval_fn = jax.jit(make_eval_step(layout, cfg), out_shardings=sharding.replicated(mesh))
+
+  def run_eval(step):
+    if not data.has_eval:
+      return {}
+    t0 = time.perf_counter()
+    res = evaluate(eval_fn, state, data.eval_batches(), mesh)
+    writer.write(step, {f"val/{k}": v for k, v in res.items()})
+    logging.info("step %d validation %s (%.1fs)", step, _fmt(res), time.perf_counter() - t0)
+    return res
+
+  # ------------------------------------------------------------------------------------------- loop
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer.writer,
+                                           every_steps=cfg.log_every)]
+  if cfg.get("profile_steps") and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
+                                          first_profile=start + cfg.get("profile_first", 5)))
+  limit = int(cfg.get("nonfinite_limit", 10))
+  summary: dict[str, Any] = {"start_step": start}
+  window = {"t": time.perf_counter(), "wait": 0.0, "flops": 0.0, "steps": 0}
+
+  def handle_metrics(step: int, m: Mapping[str, Any]) -> None:
+    """Host side of a finished step: the non-finite guard and logging (runs one step behind)."""
+    m = jax.device_get(m)
+    if m["nonfinite"]:
+      logging.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); update skipped "
+                      "(%d in a row, %d total)", step, m["loss"], m["grad_norm"],
+                      m["nonfinite_consecutive"], m["nonfinite_total"])
+      if m["nonfinite_consecutive"] >= limit:
+        ckpts.close()
+        raise NonFiniteError(
+            f"{limit} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping. "
+            f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
+            f"{ckpts.directory}. Lower optim.lr, check the data, or raise nonfinite_limit.")
+    if step % cfg.log_every and step != cfg.total_steps:
+      return
+    dt = time.perf_counter() - window["t"]
+    scalars = {k: float(v) for k, v in m.items()}
+    if window["steps"]:
+      per = dt / window["steps"]
+      scalars.update(step_time=per, input_wait=window["wait"] / window["steps"],
+                     input_wait_fraction=window["wait"] / dt, text_tokens_per_s=scalars["text_tokens"] / per,
+                     images_per_s=scalars.get("images", 0.0) / per,
+                     model_tflops_per_s=window["flops"] / dt / 1e12,
+                     mfu=(window["flops"] / dt / peak) if peak else 0.0)
+    if "compile_time" not in summary.get("last_metrics", {}) and "first_step_seconds" in summary:
+      scalars["compile_time"] = summary["first_step_seconds"]
+    writer.write(step, scalars)
+    logging.info("step %d loss %.6f %s", step, m["loss"], _fmt(scalars, skip=("loss",)))
+    summary["last_metrics"] = scalars
+    window.update(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0)
+
+  step, last_eval, pending, pending_save = start, None, None, False
+  while step < cfg.total_steps:
+    t0 = time.perf_counter()
+    host_batch = next(train_iter)
+    window["wait"] += time.perf_counter() - t0
+    first = not compiled
+    (state, m), step_flops = run_step(state, host_batch)
+    step += 1
+    if first:
+      jax.block_until_ready(m)
+      summary["first_step_seconds"] = time.perf_counter() - t0
+      logging.info("First step (compile + run) took %.1fs", summary["first_step_seconds"])
+      window.update(t=time.perf_counter(), wait=0.0)  # rates exclude compilation
+    else:
+      window["flops"] += step_flops
+      window["steps"] += 1
+    if pending is not None:
+      handle_metrics(*pending)  # the previous step: the device is busy with this one meanwhile
+    pending = (step, m)
+    for h in hooks:
+      h(step)
+    preempted = preemption.reached(step)
+    if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted or pending_save:
+      pending_save = bool(jax.device_get(m["nonfinite_consecutive"]))  # never save in a bad streak
+      if not pending_save:
+        handle_metrics(*pending)
+        pending = None
+        ckpts.save(step, state, train_iter, cfg)
+    if cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+      summary["eval"] = run_eval(step)
+      last_eval = step
+    if preempted:
+      logging.warning("Preempted: checkpoint %d saved, exiting.", step)
+      summary["preempted"] = True
+      break
+  if pending is not None:
+    handle_metrics(*pending)
+  if step == cfg.total_steps and last_eval != step and data.has_eval:
+    summary["eval"] = run_eval(step)
+  ckpts.close()
+  writer.close()
+  preemption.restore_handler()
+  summary.update(step=step, state=state)
+  return summary
+
+
+def _batch_flops(cfg, batch: Batch, towers: Mapping[str, bool]) -> float:
+  b, t = batch["inputs"].shape
+  images = batch.get("images")
+  shape = None if images is None else tuple(images.shape[1:5])
+  return metrics_lib.train_flops(cfg.model, batch=b, seq_len=t, image_shape=shape, trainable=towers)
+
+
+def _check_config(cfg: ml_collections.ConfigDict) -> None:
+  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "batch_size", "optim", "model"):
+    if key not in cfg:
+      raise ValueError(f"config has no top-level `{key}`")
+  n_micro = int(cfg.get("microbatches", 1))
+  if n_micro < 1 or cfg.batch_size % n_micro:
+    raise ValueError(f"batch_size={cfg.batch_size} is not divisible by microbatches={n_micro}")
+
+
+def _fmt(d: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
+  return " ".join(f"{k}={v:.4g}" for k, v in sorted(d.items()) if k not in skip)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value or _CONFIG.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  distributed.initialize()
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
