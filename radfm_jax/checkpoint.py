@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -116,7 +117,7 @@ def _find_tokenizer(cfg: ml_collections.ConfigDict, prefix: str = "") -> tuple[s
       found = _find_tokenizer(v, f"{prefix}{k}.")
       if found:
         return found
-    elif k in TOKENIZER_FIELDS and isinstance(v, str) and v and os.path.isfile(v):
+    elif k in TOKENIZER_FIELDS and isinstance(v, str) and v:
       return f"{prefix}{k}", v
   return None
 
@@ -203,6 +204,9 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
       raise FileExistsError(f"{ckpt_dir} exists (pass overwrite=True to replace it)")
     if jax.process_index() == 0:
       shutil.rmtree(ckpt_dir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"radfm_jax.save_model:{ckpt_dir}")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_save_registry())) as ckptr:
     ckptr.save(os.path.join(ckpt_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
 
@@ -218,11 +222,13 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
   }
   if jax.process_index() == 0:
     found = _find_tokenizer(cfg)
-    if found:
+    if found and os.path.isfile(found[1]):
       field, path = found
       shutil.copyfile(path, os.path.join(ckpt_dir, TOKENIZER_FILE))
       meta["tokenizer"] = {"field": field, "source_path": os.path.abspath(path),
                            "sha256": sha256_file(path), "file": TOKENIZER_FILE}
+    elif found:
+      logging.warning("config %s=%s is not a file: the checkpoint records no tokenizer", *found)
     tmp = os.path.join(ckpt_dir, META_FILE + ".tmp")
     with open(tmp, "w") as fh:
       json.dump(meta, fh, indent=1, sort_keys=True)

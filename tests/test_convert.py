@@ -43,6 +43,8 @@ def hf_model(tmp_path_factory):
         p.mul_(8.0)
   path = str(tmp_path_factory.mktemp("hf") / "tiny_llama")
   model.save_pretrained(path)
+  with open(os.path.join(path, "tokenizer.model"), "wb") as fh:  # stands in for LLaMA's SentencePiece file
+    fh.write(b"sentencepiece model bytes")
   return model, path
 
 
@@ -308,7 +310,10 @@ def test_cli_hf_llama_both_ways(hf_model, tmp_path):
   assert "consumed 21 tensors" in out
   cfg = checkpoint.load_config(str(tmp_path / "ck"))
   assert cfg.model.lm.kv_heads == 2 and cfg.model.vision.dim == tiny.get_config().model.vision.dim
+  assert open(cfg.data.tokenizer, "rb").read() == b"sentencepiece model bytes"  # the checkpoint's copy
+  assert cfg.data.tokenizer.startswith(str(tmp_path / "ck"))
   _cli("--to=hf-llama", f"--src={tmp_path / 'ck'}", f"--dst={tmp_path / 'hf'}")
+  assert open(tmp_path / "hf" / "tokenizer.model", "rb").read() == b"sentencepiece model bytes"
   again = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
   ref = hf.state_dict()
   for k, v in again.state_dict().items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Any, Mapping
 
 import ml_collections
@@ -156,6 +157,11 @@ def hf_llama_config(src_dir: str, base_cfg: ml_collections.ConfigDict | None = N
   lm, vocab = lm_config_from_hf(read_hf_config(src_dir), os.path.join(src_dir, "config.json"))
   cfg = ml_collections.ConfigDict(base_cfg.to_dict()) if base_cfg is not None else ml_collections.ConfigDict()
   cfg.model = lm_model_config(lm, vocab, cfg.get("model"))
+  spm = os.path.join(src_dir, "tokenizer.model")
+  if os.path.isfile(spm) and not (cfg.get("data") and cfg.data.get("tokenizer")):
+    if "data" not in cfg:
+      cfg.data = ml_collections.ConfigDict()
+    cfg.data.tokenizer = os.path.abspath(spm)  # copied into the checkpoint by save_model
   return cfg
 
 
@@ -164,7 +170,8 @@ def import_hf_llama(src_dir: str, dst: str, *, base_cfg: ml_collections.ConfigDi
   """A Hugging Face LLaMA directory -> an LM-only ("llama") checkpoint at `dst`, dims from config.json.
 
   `base_cfg` (a full config) supplies everything but the LM (kept so the checkpoint can seed a RadFM);
-  its mesh section, if any, places the params. Returns the key report.
+  its mesh section, if any, places the params. The directory's `tokenizer.model`, if any, becomes
+  cfg.data.tokenizer (copied into the checkpoint) unless base_cfg names one. Returns the key report.
   """
   from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   from radfm_jax.convert.sources import open_source  # pylint: disable=g-import-not-at-top
@@ -179,7 +186,8 @@ def import_hf_llama(src_dir: str, dst: str, *, base_cfg: ml_collections.ConfigDi
 def export_hf_llama(ckpt_dir: str, dst_dir: str, *, dtype: Any = None,
                     max_shard_bytes: int = 5 << 30) -> list[str]:
   """Our checkpoint's LM (a "llama" checkpoint, or the `lm/` of a RadFM one) -> a Hugging Face LLaMA
-  directory (config.json + safetensors) loadable by `LlamaForCausalLM.from_pretrained`."""
+  directory (config.json + safetensors, + tokenizer.model when the checkpoint has one) loadable by
+  `LlamaForCausalLM.from_pretrained`. Returns the written weight (and tokenizer) file names."""
   from radfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   meta = checkpoint.read_meta(ckpt_dir)
@@ -192,4 +200,8 @@ def export_hf_llama(ckpt_dir: str, dst_dir: str, *, dtype: Any = None,
       dst_dir, max_shard_bytes=max_shard_bytes)
   with open(os.path.join(dst_dir, "config.json"), "w") as fh:
     json.dump(hf_config_from_lm(cfg.model.lm, cfg.model.vocab_size, dtype=out_dtype), fh, indent=1)
+  tok = meta.get("tokenizer")
+  if tok:  # the SentencePiece model travels with the weights (LLaMA's tokenizer.model)
+    shutil.copyfile(os.path.join(ckpt_dir, tok["file"]), os.path.join(dst_dir, "tokenizer.model"))
+    files.append("tokenizer.model")
   return files
