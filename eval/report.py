@@ -110,13 +110,13 @@ def plot_breakdown(metrics: dict[str, Any], path: pathlib.Path) -> bool:
 
 def plot_confusion(conf: dict[str, Any], path: pathlib.Path) -> None:
   labels, m = conf["labels"], np.asarray(conf["matrix"])
-  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 0.8 + 0.7 * len(labels)))
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.8 * len(labels)), max(4.0, 1.2 + 0.7 * len(labels))))
   im = ax.imshow(m, cmap="Blues")
   ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
   ax.set_yticks(range(len(labels)), labels, fontsize=8)
   ax.set_xlabel("predicted modality")
   ax.set_ylabel("reference modality")
-  ax.set_title("Modality recognition confusion (open questions)", fontsize=10)
+  ax.set_title("Modality confusion (open questions)", fontsize=10)
   thresh = m.max() / 2 if m.size else 0
   for i in range(m.shape[0]):
     for j in range(m.shape[1]):
