@@ -75,19 +75,22 @@ class LlamaBlock(nnx.Module):
     self.down = layers.Dense(c.mlp, c.hidden, axes=("mlp", "embed"), **kw)
     self.theta, self.dtype = c.rope_theta, cfg.dtype
 
-  def __call__(self, x, positions, mask, kv=None, index=None):
-    """x [B, T, E]; mask [B, T, S]. kv: this layer's cached (k, v) [B, S, K, k] or None (S = T)."""
+  def project(self, x, positions):
+    """Attention inputs: q [B, T, H, k], k/v [B, T, K, k] (RoPE applied to q and k)."""
     a = self.attn_norm(x)
-    q = rope(self.q(a), positions, self.theta)
-    k = rope(self.k(a), positions, self.theta)
-    v = self.v(a)
-    if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-    x = x + self.o(layers.attention(q, k, v, mask, self.dtype))
+    return rope(self.q(a), positions, self.theta), rope(self.k(a), positions, self.theta), self.v(a)
+
+  def finish(self, x, q, keys, values, mask):
+    """Attention over keys/values [B, S, K, k] with mask [B, T, S], output projection, SwiGLU MLP."""
+    x = x + self.o(layers.attention(q, keys, values, mask, self.dtype))
     m = self.mlp_norm(x)
     x = x + self.down(jax.nn.silu(self.gate(m).astype(jnp.float32)).astype(m.dtype) * self.up(m))
-    return constrain(x, ACT), (k, v)
+    return constrain(x, ACT)
+
+  def __call__(self, x, positions, mask):
+    """Self-attention block over x [B, T, E] with mask [B, T, T]."""
+    q, k, v = self.project(x, positions)
+    return self.finish(x, q, k, v, mask)
 
 
 class Llama(nnx.Module):
@@ -132,7 +135,7 @@ class Llama(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     slots = jnp.arange(t)
     mask = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, mask)[0], None),
+    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, mask), None),
                               constrain(x, ACT), remat=self.remat, scan=self.scan)
     return self._head(x)
 
@@ -155,10 +158,18 @@ class Llama(nnx.Module):
     q_slot = cache.index + jnp.arange(t)
     mask = (k_slot[None, :] <= q_slot[:, None])[None] & (segment_ids[:, :, None] == seg[:, None, :])
 
-    def body(blk, h, kv):
-      h, kv = blk(h, positions, mask, kv, cache.index)
-      return h, kv
+    # The whole cache rides in the scan carry; the new tokens are written first and the layer's slice
+    # read after, so XLA updates the cache in place.
+    def body(blk, carry, layer):
+      h, ck, cv = carry
+      q, k, v = blk.project(h, positions)
+      start = (layer, 0, cache.index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+      h = blk.finish(h, q, jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False),
+                     jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False), mask)
+      return (h, ck, cv), None
 
-    x, (k, v) = layers.scan_blocks(self.blocks, body, embeds.astype(self.dtype), (cache.k, cache.v),
-                                   remat="none", scan=self.scan)
+    (x, k, v), _ = layers.scan_blocks(self.blocks, body, (embeds.astype(self.dtype), cache.k, cache.v),
+                                      jnp.arange(cache.k.shape[0]), remat="none", scan=self.scan)
     return self._head(x), KVCache(k, v, seg, cache.index + t)
