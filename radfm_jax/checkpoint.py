@@ -169,11 +169,11 @@ def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
 
 def _save_registry() -> Any:
   """Orbax type handlers for saving. Replica-parallel writing (each replica of a replicated array writes
-  a slice) is kept on accelerators but turned off on CPU, where slicing compiles one small program per
-  array and shard: a tiny model on 8 fake CPU devices saved in ~20 s with it and 0.2 s without."""
+  a slice) is kept on TPU only: Orbax already disables it on GPU, and on CPU slicing compiles one small
+  program per array and shard (a tiny model on 8 fake CPU devices saved in ~20 s with it, 0.2 s without)."""
   th = ocp.type_handlers
   return th.create_type_handler_registry(
-      (jax.Array, th.ArrayHandler(use_replica_parallel=jax.default_backend() != "cpu")),
+      (jax.Array, th.ArrayHandler(use_replica_parallel=jax.default_backend() == "tpu")),
       (np.ndarray, th.NumpyHandler()), (np.number, th.ScalarHandler()), (int, th.ScalarHandler()),
       (float, th.ScalarHandler()))
 

@@ -184,6 +184,13 @@ def test_radfm_torch_full_coverage_numerics_and_exact_reverse(radfm_bin, tmp_pat
   for k in documented:
     np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
 
+  # The RadFM's LM alone exports to Hugging Face layout.
+  convert.export_hf_llama(str(tmp_path / "ck"), str(tmp_path / "hf"))
+  lm_only = open_source(str(tmp_path / "hf"))
+  assert set(lm_only.keys()) == {k[len("lang_model."):] for k in documented if k.startswith("lang_model.")}
+  for k in lm_only.keys():
+    np.testing.assert_array_equal(lm_only.get(k), sd["lang_model." + k].numpy(), err_msg=k)
+
   # ... and the CLI writes it as a torch file that loads with weights_only.
   out = tmp_path / "back.bin"
   _cli("--to=radfm-torch", f"--src={tmp_path / 'ck'}", f"--dst={out}")
@@ -262,7 +269,7 @@ def test_radfm_torch_errors_name_the_key(radfm_bin, tmp_path, case):
   cfg, sd, _ = radfm_bin
   qkv = "embedding_layer.vision_encoder.transformer.layers.1.0.fn.to_qkv.weight"
   if case == "missing":
-    src, err, msg = _broken(sd, qkv), KeyError, [qkv, "missing", "[96, 48]"]
+    src, err, msg = _broken(sd, qkv), ValueError, [qkv, "missing", "[96, 48]"]
   elif case == "shape":
     src, err, msg = _broken(sd, qkv, torch.zeros(90, 48)), ValueError, [qkv, "[90, 48]", "expected [96, 48]"]
   elif case == "unknown":

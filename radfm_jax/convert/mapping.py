@@ -194,10 +194,26 @@ def import_params(source: Source, layout: Layout, abstract: Mapping[Path, Any],
     dtype: target dtype (default: each abstract parameter's dtype).
     on_param: called with each finished parameter (e.g. to log progress).
   Returns:
-    ({path: array}, report). Raises KeyError/ValueError naming the torch key on a missing key or a shape
-    that disagrees with the config, and ValueError listing torch keys that no rule consumes and that
-    are not declared dropped.
+    ({path: array}, report).
+  Raises:
+    ValueError before converting anything, listing every missing key, every shape that disagrees with
+    the config (key, expected and actual shape) and every key that is neither converted nor declared
+    dropped; or when an alias differs from its original.
   """
+  problems = check_source(source, layout, abstract)  # fail fast, before hours of conversion
+  if problems:
+    raise ValueError(f"{source.name}: {len(problems)} problem(s) against the model config:\n  "
+                     + "\n  ".join(problems[:50]) + ("\n  ..." if len(problems) > 50 else ""))
+  aliases = []
+  for key, same in layout.aliases.items():
+    a, b = source.get(key), source.get(same)
+    if not np.array_equal(a, b):
+      raise ValueError(f"{source.name}: {key!r} must equal {same!r} (they are one tensor upstream); "
+                       f"max abs difference {np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))}")
+    aliases.append(key)
+    del a, b
+  source.consumed.difference_update(layout.aliases.values())  # consumed for real by their rules
+
   shapes = {p: tuple(a.shape) for p, a in abstract.items()}
   out: dict[Path, jax.Array] = {}
   for rule in layout.rules:
@@ -239,13 +255,6 @@ def import_params(source: Source, layout: Layout, abstract: Mapping[Path, Any],
   if missing:
     raise ValueError(f"no conversion rule fills our parameters {missing} (converter table incomplete)")
 
-  aliases = []
-  for key, same in layout.aliases.items():
-    a, b = source.get(key, source.shape(same)), source.get(same)
-    if not np.array_equal(a, b):
-      raise ValueError(f"{source.name}: {key!r} must equal {same!r} (they are one tensor upstream); "
-                       f"max abs difference {np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))}")
-    aliases.append(key)
   leftover = source.unconsumed()
   dropped = [k for k in leftover if layout.is_dropped(k)]
   unknown = [k for k in leftover if not layout.is_dropped(k)]
