@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 from configs import radfm_13b, tiny
-from radfm_jax.models import radfm as radfm_lib
 from radfm_jax.models import vit3d
 from radfm_jax.models.radfm import RadFM, image_token_id, loss
 

@@ -1,6 +1,5 @@
 """Mesh construction, golden partition specs of the tiny model on a (2,2,2) mesh, sharded init/forward."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
