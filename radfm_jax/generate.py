@@ -9,7 +9,11 @@ emitted `eos_id` or after `max_new_tokens`. Prompts are LEFT-padded (`prompt_mas
 positions count real tokens only and padded slots are masked, so a row's output does not depend on the
 other rows or on its padding. Greedy when temperature == 0; otherwise temperature / top-k / top-p
 sampling (one compiled program per (shapes, max_new_tokens, greedy-or-not); eos, pad, temperature,
-top-k and top-p are runtime values). eos defaults to 2 (the id RadFM was trained to stop on; its shipped config says 1, a bug).
+top-k and top-p are runtime values). eos defaults to 2 (the id RadFM was trained to stop on; its
+shipped config says 1, a bug).
+
+The CLI places the parameters on the mesh of the checkpoint's config (`cfg.mesh`, default fsdp over all
+devices; override with --mesh=data,fsdp,tensor) and can cast them on load (--param_dtype=bfloat16).
 """
 from __future__ import annotations
 
@@ -183,12 +187,14 @@ def _define_flags():
   flags.DEFINE_integer("top_k", 0, "sample among the k most likely ids (0 = all)")
   flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
   flags.DEFINE_integer("seed", 0, "sampling seed")
-  return flags.FLAGS
+  flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1); default: the checkpoint's cfg.mesh")
+  flags.DEFINE_string("param_dtype", "", "cast parameters on load, e.g. bfloat16 (default: as stored)")
 
 
 def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
   """(prompt_ids [1, P], prompt_mask, images or None, image_mask or None) from the CLI flags.
   Text prompts (--prompt) and images (--image) slot in here."""
+  del cfg  # used once text prompts / images need the tokenizer and image geometry
   if not flags_.token_ids:
     raise ValueError("--token_ids is required (comma-separated ints)")
   try:
@@ -199,22 +205,37 @@ def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
   return prompt, np.ones_like(prompt, bool), None, None
 
 
+def _cli_mesh(cfg, spec: str):
+  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
+  if spec:
+    try:
+      sizes = [int(x) for x in spec.split(",")]
+    except ValueError as e:
+      raise ValueError(f"--mesh={spec!r} must be three integers data,fsdp,tensor") from e
+    if len(sizes) != 3:
+      raise ValueError(f"--mesh={spec!r} must be three integers data,fsdp,tensor")
+    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+  return sharding.make_mesh(cfg.get("mesh") or dict(data=1, fsdp=-1, tensor=1))
+
+
 def main(argv):
   del argv
-  from radfm_jax import checkpoint  # CONVERT's loader
-  flags_ = FLAGS
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from radfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
   if not flags_.checkpoint:
     raise ValueError("--checkpoint is required")
-  model, cfg = checkpoint.load_model(flags_.checkpoint)
-  model_cfg = cfg.model if "model" in cfg else cfg
-  prompt, mask, images, image_mask = build_inputs(model_cfg, flags_)
-  out = generate(model, prompt, mask, images, image_mask, max_new_tokens=flags_.max_new_tokens,
-                 eos_id=flags_.eos_id, temperature=flags_.temperature, top_k=flags_.top_k,
-                 top_p=flags_.top_p, rng=jax.random.key(flags_.seed))
+  mesh = _cli_mesh(checkpoint.load_config(flags_.checkpoint), flags_.mesh)
+  model, cfg = checkpoint.load_model(flags_.checkpoint, mesh, dtype=flags_.param_dtype or None)
+  prompt, mask, images, image_mask = build_inputs(cfg.model, flags_)
+  with jax.set_mesh(mesh):
+    out = generate(model, prompt, mask, images, image_mask, max_new_tokens=flags_.max_new_tokens,
+                   eos_id=flags_.eos_id, temperature=flags_.temperature, top_k=flags_.top_k,
+                   top_p=flags_.top_p, rng=jax.random.key(flags_.seed))
   print(json.dumps({"ids": trim(np.asarray(out), flags_.eos_id)[0]}))
 
 
 if __name__ == "__main__":
-  from absl import app
-  FLAGS = _define_flags()
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
   app.run(main)
