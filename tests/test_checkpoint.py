@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,7 +27,9 @@ def saved(tmp_path_factory):
   tok = root / "spm.model"
   tok.write_bytes(b"not really a sentencepiece model, but a file with a hash")
   cfg = tiny.get_config()
-  cfg.data = dict(tokenizer=str(tok), max_len=64)
+  if "data" not in cfg:
+    cfg.data = ml_collections.ConfigDict()
+  cfg.data.tokenizer = str(tok)
   model = RadFM(cfg.model, rngs=nnx.Rngs(0))
   path = checkpoint.save_model(str(root / "ck"), model, cfg, extra={"note": "test"})
   return path, model, cfg, tok

@@ -158,7 +158,7 @@ def hf_llama_config(src_dir: str, base_cfg: ml_collections.ConfigDict | None = N
   cfg = ml_collections.ConfigDict(base_cfg.to_dict()) if base_cfg is not None else ml_collections.ConfigDict()
   cfg.model = lm_model_config(lm, vocab, cfg.get("model"))
   spm = os.path.join(src_dir, "tokenizer.model")
-  if os.path.isfile(spm) and not (cfg.get("data") and cfg.data.get("tokenizer")):
+  if os.path.isfile(spm):  # the weights' own vocabulary wins over a base config's tokenizer
     if "data" not in cfg:
       cfg.data = ml_collections.ConfigDict()
     cfg.data.tokenizer = os.path.abspath(spm)  # copied into the checkpoint by save_model
@@ -171,7 +171,7 @@ def import_hf_llama(src_dir: str, dst: str, *, base_cfg: ml_collections.ConfigDi
 
   `base_cfg` (a full config) supplies everything but the LM (kept so the checkpoint can seed a RadFM);
   its mesh section, if any, places the params. The directory's `tokenizer.model`, if any, becomes
-  cfg.data.tokenizer (copied into the checkpoint) unless base_cfg names one. Returns the key report.
+  cfg.data.tokenizer (copied into the checkpoint), replacing base_cfg's. Returns the key report.
   """
   from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   from radfm_jax.convert.sources import open_source  # pylint: disable=g-import-not-at-top
