@@ -34,4 +34,9 @@ def get_config(arg=None):
   c.seed = 0
   c.model = model_config()
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Training (radfm_jax.train): the demo phantom store, built on first use; a few quick steps.
+  from configs import common_train, demo_store  # pylint: disable=g-import-not-at-top
+  c.data = demo_store.demo_data_config(c.model.vocab_size)
+  common_train.add_train_config(c, total_steps=20, log_every=1, checkpoint_every=10,
+                                optim_overrides=dict(lr=3e-3, warmup_steps=5))
   return c

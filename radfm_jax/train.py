@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from radfm_jax import checkpoint_manager
@@ -36,12 +37,15 @@ from radfm_jax import optim
 from radfm_jax import sharding
 from radfm_jax import train_data
 from radfm_jax import train_state
+from radfm_jax.data import pipeline
 from radfm_jax.models import radfm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 
 Batch = Mapping[str, Any]
+EVAL_KEYS = ("example_mask", "closed", "image_dependent")  # host labels of validation rows
+DEVICE_KEYS = tuple(pipeline.DEVICE_KEYS) + EVAL_KEYS
 
 
 class NonFiniteError(RuntimeError):
@@ -141,57 +145,52 @@ def jit_step(step: Callable, layout: train_state.Layout, batch: Batch) -> Callab
 
 
 def to_global(host_batch: Batch, mesh) -> dict:
-  """This process's numpy batch -> global jax arrays sharded over (data, fsdp). Non-array fields
-  (e.g. eval metadata) stay on the host."""
-  out = {}
-  for k, v in host_batch.items():
-    if isinstance(v, np.ndarray) and v.dtype != object:
-      out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-  return out
+  """This process's numpy batch -> global jax arrays sharded over (data, fsdp). Only the model inputs
+  and eval labels go to the devices; host-only fields (e.g. record_index) stay behind."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in host_batch.items() if k in DEVICE_KEYS}
 
 
 # ====================================================================================================
 # Evals.
 # ====================================================================================================
 def make_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
-  """`eval_step(state, batch) -> per-example {nll, tokens, exact}`. `exact`: every answer token is the
-  argmax, i.e. greedy decoding reproduces the answer (closed-question accuracy without generation)."""
+  """`eval_step(state, batch) -> sums` over the global batch: answer-token NLL and count, and exact
+  matches of closed questions (every answer token is the argmax, i.e. greedy decoding reproduces the
+  answer: closed-question accuracy without generation), overall and on image-dependent questions.
+  Rows with example_mask False (padding) count nowhere."""
   vocab = cfg.model.vocab_size
 
   def eval_step(state, batch):
     logits = _forward(layout, state["params"], state["frozen"], batch).astype(jnp.float32)
-    valid = _valid_tokens(batch, vocab)
+    real = batch["example_mask"]
+    valid = _valid_tokens(batch, vocab) & real[:, None]
     tgt = jnp.clip(batch["targets"], 0, vocab - 1)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
-    wrong = valid & (logits.argmax(-1) != tgt)
-    return {"nll": jnp.where(valid, nll, 0.0).sum(-1), "tokens": valid.sum(-1),
-            "exact": (~wrong).all(-1) & valid.any(-1)}
+    exact = ~(valid & (logits.argmax(-1) != tgt)).any(-1) & valid.any(-1)
+    closed = real & batch["closed"]
+    closed_img = closed & batch["image_dependent"]
+    return {"nll": jnp.where(valid, nll, 0.0).sum(), "tokens": valid.sum(),
+            "closed_correct": (exact & closed).sum(), "closed": closed.sum(),
+            "closed_image_correct": (exact & closed_img).sum(), "closed_image": closed_img.sum()}
 
   return eval_step
 
 
 def evaluate(eval_fn: Callable, state, batches: Iterator[Batch], mesh) -> dict[str, float]:
-  """Validation loss (per answer token), token accuracy-free summaries and closed-question accuracy
-  (overall and on image-dependent questions) over `batches`."""
-  nll = tok = 0.0
-  closed, closed_img = [], []
+  """Validation loss (mean NLL per answer token) and closed-question accuracy, overall and on
+  image-dependent questions, over `batches` (from `TrainData.eval_batches`)."""
+  total: dict[str, float] = {}
   for host_batch in batches:
     out = jax.device_get(eval_fn(state, to_global(host_batch, mesh)))
-    keep = np.asarray(host_batch.get("example_mask", np.ones(len(out["nll"]), bool)), bool)
-    nll += float(out["nll"][keep].sum())
-    tok += float(out["tokens"][keep].sum())
-    if "closed" in host_batch:
-      is_closed = keep & np.asarray(host_batch["closed"], bool)
-      closed.extend(out["exact"][is_closed])
-      if "image_dependent" in host_batch:
-        closed_img.extend(out["exact"][is_closed & np.asarray(host_batch["image_dependent"], bool)])
-  res = {"loss": nll / max(tok, 1.0), "answer_tokens": tok}
-  if closed:
-    res["closed_accuracy"] = float(np.mean(closed))
-    res["closed_count"] = float(len(closed))
-  if closed_img:
-    res["closed_image_accuracy"] = float(np.mean(closed_img))
-    res["closed_image_count"] = float(len(closed_img))
+    for k, v in out.items():
+      total[k] = total.get(k, 0.0) + float(v)
+  res = {"loss": total.get("nll", 0.0) / max(total.get("tokens", 0.0), 1.0),
+         "answer_tokens": total.get("tokens", 0.0)}
+  for name in ("closed", "closed_image"):
+    if total.get(name):
+      res[f"{name}_accuracy"] = total[f"{name}_correct"] / total[name]
+      res[f"{name}_count"] = total[name]
   return res
 
 
@@ -203,16 +202,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # ---------------------------------------------------------------------------------------- logging
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  _quiet_library_logs()
   logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
-  _check_config(cfg)
 
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(cfg.mesh)
   logging.info("Mesh %s", dict(mesh.shape))
+  _check_config(cfg, mesh)
 
   # ------------------------------------------------------------------------------------------- data
-  data = train_data.TrainData(cfg, mesh)
+  data = train_data.TrainData(cfg)
   train_iter = data.train_iterator()
 
   # -------------------------------------------------------------------------------- model, sharding
@@ -276,11 +276,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                                           first_profile=start + cfg.get("profile_first", 5)))
   limit = int(cfg.get("nonfinite_limit", 10))
   summary: dict[str, Any] = {"start_step": start}
-  window = {"t": time.perf_counter(), "wait": 0.0, "flops": 0.0, "steps": 0}
+  window = dict(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0, tokens=0.0, images=0.0)
 
-  def handle_metrics(step: int, m: Mapping[str, Any]) -> None:
-    """Host side of a finished step: the non-finite guard and logging (runs one step behind)."""
-    m = jax.device_get(m)
+  def handle_metrics(step: int, m: Mapping[str, Any], step_flops: float) -> None:
+    """Host side of a finished step, in step order and one step behind the dispatch: the non-finite
+    guard, throughput accounting and logging."""
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
     if m["nonfinite"]:
       logging.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); update skipped "
                       "(%d in a row, %d total)", step, m["loss"], m["grad_norm"],
@@ -291,23 +292,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
             f"{limit} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping. "
             f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
             f"{ckpts.directory}. Lower optim.lr, check the data, or raise nonfinite_limit.")
+    if step == start + 1:  # the first step compiles: report it, keep it out of the rates
+      m["compile_time"] = summary["first_step_seconds"]
+      window.update(t=time.perf_counter(), wait=0.0)
+    else:
+      window["steps"] += 1
+      window["flops"] += step_flops
+      window["tokens"] += m["text_tokens"]
+      window["images"] += m.get("images", 0.0)
     if step % cfg.log_every and step != cfg.total_steps:
       return
     dt = time.perf_counter() - window["t"]
-    scalars = {k: float(v) for k, v in m.items()}
     if window["steps"]:
-      per = dt / window["steps"]
-      scalars.update(step_time=per, input_wait=window["wait"] / window["steps"],
-                     input_wait_fraction=window["wait"] / dt, text_tokens_per_s=scalars["text_tokens"] / per,
-                     images_per_s=scalars.get("images", 0.0) / per,
-                     model_tflops_per_s=window["flops"] / dt / 1e12,
-                     mfu=(window["flops"] / dt / peak) if peak else 0.0)
-    if "compile_time" not in summary.get("last_metrics", {}) and "first_step_seconds" in summary:
-      scalars["compile_time"] = summary["first_step_seconds"]
-    writer.write(step, scalars)
-    logging.info("step %d loss %.6f %s", step, m["loss"], _fmt(scalars, skip=("loss",)))
-    summary["last_metrics"] = scalars
-    window.update(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0)
+      m.update(step_time=dt / window["steps"], input_wait=window["wait"] / window["steps"],
+               input_wait_fraction=window["wait"] / dt, text_tokens_per_s=window["tokens"] / dt,
+               images_per_s=window["images"] / dt, model_tflops_per_s=window["flops"] / dt / 1e12,
+               mfu=(window["flops"] / dt / peak) if peak else 0.0)
+    writer.write(step, m)
+    logging.info("step %d loss %.6f %s", step, m["loss"], _fmt(m, skip=("loss",)))
+    summary["last_metrics"] = m
+    window.update(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0, tokens=0.0, images=0.0)
 
   step, last_eval, pending, pending_save = start, None, None, False
   while step < cfg.total_steps:
@@ -321,13 +325,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       jax.block_until_ready(m)
       summary["first_step_seconds"] = time.perf_counter() - t0
       logging.info("First step (compile + run) took %.1fs", summary["first_step_seconds"])
-      window.update(t=time.perf_counter(), wait=0.0)  # rates exclude compilation
-    else:
-      window["flops"] += step_flops
-      window["steps"] += 1
     if pending is not None:
       handle_metrics(*pending)  # the previous step: the device is busy with this one meanwhile
-    pending = (step, m)
+    pending = (step, m, step_flops)
     for h in hooks:
       h(step)
     preempted = preemption.reached(step)
@@ -362,13 +362,30 @@ def _batch_flops(cfg, batch: Batch, towers: Mapping[str, bool]) -> float:
   return metrics_lib.train_flops(cfg.model, batch=b, seq_len=t, image_shape=shape, trainable=towers)
 
 
-def _check_config(cfg: ml_collections.ConfigDict) -> None:
-  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "batch_size", "optim", "model"):
+def _check_config(cfg: ml_collections.ConfigDict, mesh) -> None:
+  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "optim", "model", "mesh", "data"):
     if key not in cfg:
-      raise ValueError(f"config has no top-level `{key}`")
+      raise ValueError(f"config has no top-level `{key}` (see configs/common_train.py)")
   n_micro = int(cfg.get("microbatches", 1))
-  if n_micro < 1 or cfg.batch_size % n_micro:
-    raise ValueError(f"batch_size={cfg.batch_size} is not divisible by microbatches={n_micro}")
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name in ("batch_size", "batch_size_3d"):
+    b = int(cfg.data.get(name) or cfg.data.batch_size)
+    if n_micro < 1 or b % n_micro or (b // n_micro) % shards:
+      raise ValueError(f"data.{name}={b} must split into microbatches={n_micro} microbatches whose size "
+                       f"is a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drops INFO lines of Orbax (tens per checkpoint); warnings and errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_library_logs() -> None:
+  logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in logger.filters):
+    logger.addFilter(_LibraryInfoFilter())
 
 
 def _fmt(d: Mapping[str, Any], skip: Sequence[str] = ()) -> str:

@@ -1,8 +1,115 @@
-"""Training and validation data for radfm_jax.train (wired to radfm_jax.data.pipeline)."""
+"""Data for radfm_jax.train: the training stream and validation batches from radfm_jax.data.pipeline.
+
+Demo data on demand: a data config with a `demo` section (`out`, `n`, `seed`; see configs/demo_store.py)
+names a demo store that is built (radfm_jax.data.demo) when missing, together with a SentencePiece
+tokenizer of the model's text vocabulary size trained on its text. Process 0 builds under a file lock
+(parallel test workers share one build); other processes wait for it.
+
+Validation batches carry host-side labels from the records' meta (schema.py): `closed`,
+`image_dependent` and `example_mask` (False for padding rows), so `train.evaluate` can report
+closed-question accuracy overall and on image-dependent questions.
+"""
 from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from radfm_jax.data import collate
+from radfm_jax.data import pipeline
+from radfm_jax.data import tokenizer as tokenizer_lib
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_demo_data(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> None:
+  """Builds the demo store and its tokenizer when `data_cfg.demo` is set and they are missing."""
+  demo = data_cfg.get("demo")
+  if not demo:
+    return
+  if jax.process_index() == 0:
+    with _file_lock(os.path.abspath(demo.out) + ".lock"):
+      _build_demo(data_cfg, demo, vocab_size)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("radfm_jax.train_data.ensure_demo_data")
+
+
+def _build_demo(data_cfg, demo, vocab_size: int) -> None:
+  from radfm_jax.data import demo as demo_lib  # pylint: disable=g-import-not-at-top
+  from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  try:
+    store_lib.Store.open(data_cfg.store)
+  except FileNotFoundError:
+    logging.info("Building the demo store (n=%d, seed=%d) in %s", demo.n, demo.seed, demo.out)
+    report = demo_lib.make_demo(demo.out, n=int(demo.n), seed=int(demo.seed))
+    if report["n_failed"]:
+      raise RuntimeError(f"demo store build in {demo.out} had {report['n_failed']} failures")
+  if not os.path.exists(data_cfg.tokenizer):
+    prefix = data_cfg.tokenizer[:-len(".model")] if data_cfg.tokenizer.endswith(".model") else data_cfg.tokenizer
+    logging.info("Training a %d-piece tokenizer on %s -> %s", vocab_size, data_cfg.store, data_cfg.tokenizer)
+    tokenizer_lib.train_tokenizer(data_cfg.store, prefix, vocab_size)
 
 
 class TrainData:
+  """The run's tokenizer, training iterator and validation batches."""
 
-  def __init__(self, cfg, mesh):
-    raise NotImplementedError("pipeline wiring pending")
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.cfg = cfg
+    ensure_demo_data(cfg.data, int(cfg.model.vocab_size))
+    self.tokenizer = tokenizer_lib.Tokenizer.from_config(cfg.data, cfg.model)
+    self.has_eval = bool(cfg.data.get("eval_split"))
+    self._eval_plan = None
+    self._eval_records = None
+
+  def train_iterator(self, seed_offset: int = 0) -> Any:
+    """A checkpointable iterator of this process's training batches (seeded by cfg.seed + offset)."""
+    return pipeline.make_pipeline(self.cfg.data, self.tokenizer, split=self.cfg.data.train_split,
+                                  train=True, seed=int(self.cfg.seed) + seed_offset)
+
+  def _eval_cfg(self) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict(self.cfg.data.to_dict())
+    d.pack = False     # one example per row: per-example scores
+    d.workers = 0      # short passes: no worker start-up
+    return d
+
+  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over the validation split (at most cfg.eval_batches batches), with eval labels."""
+    d = self._eval_cfg()
+    if self._eval_plan is None:
+      self._eval_plan = pipeline.plan(d, self.tokenizer, split=d.eval_split, train=False, seed=0)
+      self._eval_records = [collate.open_records(src)[1] for src in self._eval_plan.sources]
+    it = pipeline.make_pipeline(d, self.tokenizer, split=d.eval_split, train=False, seed=0,
+                                the_plan=self._eval_plan)
+    limit = int(self.cfg.get("eval_batches") or 0)
+    for i, batch in enumerate(it):
+      if limit and i >= limit:
+        break
+      yield dict(batch, **self.labels(batch["record_index"]))
+
+  def labels(self, record_index: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row: example_mask (a real record), closed, image_dependent (from the record's meta)."""
+    first = record_index[:, 0]  # one example per row in evaluation
+    mask = first[:, 0] >= 0
+    closed = np.zeros(len(first), bool)
+    img = np.zeros(len(first), bool)
+    for i in np.flatnonzero(mask):
+      meta = self._eval_records[first[i, 0]][first[i, 1]].get("meta", {})
+      closed[i] = bool(meta.get("closed", False))
+      img[i] = bool(meta.get("image_dependent", False))
+    return {"example_mask": mask, "closed": closed, "image_dependent": img}
