@@ -1,7 +1,16 @@
-"""Jitted KV-cache decoding for RadFM (batched, left-padded prompts) and a CLI.
+"""Jitted KV-cache decoding for RadFM (batched, left-padded prompts) and the inference CLI.
 
+  python -m radfm_jax.generate --checkpoint=DIR --image=scan.nii.gz --image=cxr.png \
+      --prompt="Compare <image> with <image>. What changed?"
+  -> {"prompt": ..., "images": [...], "prediction": "...", "ids": [...]}
+  python -m radfm_jax.generate --checkpoint=DIR --batch_file=prompts.jsonl --batch_size=8 > answers.jsonl
+  -> one JSON line per input line ({"id", "line", "prompt", "images", "prediction", "ids"} or
+     {"id", "line", "prompt", "error"}); the exit status is the number of failed lines (at most 125)
   python -m radfm_jax.generate --checkpoint=DIR --token_ids=1,17,42 --max_new_tokens=24
-  -> {"ids": [...]}   (generated ids, up to and including eos)
+  -> {"ids": [...]}   (generated ids, up to and including eos; no tokenizer involved)
+
+Text prompts, image files and batch files: see generate_inputs.py (readers and preprocessing are the
+data pipeline's, deterministic); many prompts are batched by batch_generate.py (shared with RadBench).
 
 One jit holds the prefill (images encoded once, prompt written to a fixed-shape cache of
 P + max_new_tokens slots) and a `lax.while_loop` of single-token steps that stops when every row has
@@ -34,7 +43,9 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: Any = 0
                   top_p: Any = 1.0) -> jax.Array:
   """Next token ids [B] from logits [B, V]: argmax when temperature is (Python) 0, else a sample from
   softmax(logits / temperature) restricted to the top_k ids (0 = all) and then to the smallest set whose
-  renormalised mass reaches top_p (Hugging Face order). temperature, top_k, top_p may be traced."""
+  renormalised mass reaches top_p (Hugging Face order). temperature, top_k, top_p may be traced.
+  rng: one key for the batch, or a [B] array of keys (one per row: a row's sample then depends on its
+  own key only, not on its position in the batch)."""
   if isinstance(temperature, (int, float)) and temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   v = logits.shape[-1]
@@ -47,7 +58,20 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: Any = 0
   before = jnp.cumsum(probs, axis=-1) - probs            # mass strictly above each sorted id
   keep = in_k & (before < top_p)                         # always keeps the most likely id
   thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-  return jax.random.categorical(rng, jnp.where(logits < thresh, neg, logits), axis=-1).astype(jnp.int32)
+  masked = jnp.where(logits < thresh, neg, logits)
+  if rng.ndim:  # one key per row
+    return jax.vmap(jax.random.categorical)(rng, masked).astype(jnp.int32)
+  return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+
+
+def row_keys(seed: int, indices: Any) -> jax.Array:
+  """Per-row sampling keys [B]: fold_in(key(seed), index) (e.g. the request's position in the input), so a
+  request samples the same tokens whatever batch it lands in."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.asarray(indices, jnp.uint32))
+
+
+def _step_key(rng: jax.Array, i: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.fold_in, (0, None))(rng, i) if rng.ndim else jax.random.fold_in(rng, i)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
@@ -78,7 +102,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng,
     if greedy:
       tok = sample_logits(last, None)
     else:
-      tok = sample_logits(last, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+      tok = sample_logits(last, _step_key(rng, i), temperature, top_k, top_p)
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
     done = done | (tok == eos_id)
@@ -127,8 +151,10 @@ def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, ma
 
   model: a RadFM (or LM-only Llama) module, or its (graphdef, state). prompt_ids [B, P] LEFT-padded,
   prompt_mask [B, P] (True = real token); images [B, S, H, W, D, C] with image_mask [B, S], or None for text only.
-  Sampling (temperature > 0) needs `rng`. jax.Array inputs keep their sharding (e.g. batch over
-  ("data", "fsdp")); value checks run on the host when the inputs are fully addressable.
+  Sampling (temperature > 0) needs `rng`: a key (jax.random.key) for the batch, or [B] keys, one per row
+  (`row_keys`: a row's tokens then do not depend on the other rows). jax.Array inputs keep their
+  sharding (e.g. batch over ("data", "fsdp")); value checks run on the host when the inputs are fully
+  addressable.
   """
   graphdef, state = _split(model)
   merged = nnx.merge(graphdef, state)  # cheap: no array copies
@@ -145,8 +171,13 @@ def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, ma
                      f"cfg.lm.max_len={cfg.lm.max_len}")
   if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
     raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-  if temperature > 0 and rng is None:
-    raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+  if temperature > 0:
+    if rng is None:
+      raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.ndim > 1 or (
+        rng.ndim == 1 and rng.shape[0] != np.shape(prompt_ids)[0]):
+      raise ValueError(f"rng must be a typed key (jax.random.key) or [B={np.shape(prompt_ids)[0]}] of them "
+                       f"(generate.row_keys); got {rng.dtype} {rng.shape}")
   greedy = temperature == 0
   sampling = (jnp.int32(eos_id), jnp.int32(pad_id), jnp.float32(temperature if not greedy else 1.0),
               jnp.int32(top_k), jnp.float32(top_p))
@@ -179,30 +210,39 @@ def trim(ids: np.ndarray, eos_id: int = 2) -> list[list[int]]:
 # -- CLI -----------------------------------------------------------------------------------------------
 def _define_flags():
   from absl import flags
-  flags.DEFINE_string("checkpoint", None, "checkpoint directory (records its model config)")
-  flags.DEFINE_string("token_ids", None, "comma-separated prompt token ids, e.g. 1,17,42")
-  flags.DEFINE_integer("max_new_tokens", 24, "tokens to generate at most")
-  flags.DEFINE_integer("eos_id", 2, "stop id")
+  flags.DEFINE_string("checkpoint", None, "checkpoint directory (records its model config and tokenizer)")
+  flags.DEFINE_string("prompt", None, "a text prompt; images go at its start unless it holds --image_marker")
+  flags.DEFINE_multi_string("image", [], "an image for --prompt (or --token_ids), repeatable: NIfTI, DICOM "
+                            "file or folder, PNG/JPEG, .npy; path#index picks a scan of a multi-scan file")
+  flags.DEFINE_string("batch_file", None, 'JSONL, one {"prompt", "images": [...], "id"?} per line')
+  flags.DEFINE_string("token_ids", None, "comma-separated prompt token ids, e.g. 1,17,42 (no tokenizer)")
+  flags.DEFINE_string("image_marker", "<image>", "placement marker in prompts ('' = none: images first)")
+  flags.DEFINE_integer("batch_size", 8, "prompts per generate call (rounded up to the batch shards)")
+  flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
+  flags.DEFINE_integer("eos_id", 2, "stop id (--token_ids; text prompts use the tokenizer's)")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy")
   flags.DEFINE_integer("top_k", 0, "sample among the k most likely ids (0 = all)")
   flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_integer("seed", 0, "sampling seed (input k samples with key fold_in(key(seed), k))")
   flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1); default: the checkpoint's cfg.mesh")
   flags.DEFINE_string("param_dtype", "", "cast parameters on load, e.g. bfloat16 (default: as stored)")
 
 
 def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-  """(prompt_ids [1, P], prompt_mask, images or None, image_mask or None) from the CLI flags.
-  Text prompts (--prompt) and images (--image) slot in here."""
-  del cfg  # used once text prompts / images need the tokenizer and image geometry
-  if not flags_.token_ids:
-    raise ValueError("--token_ids is required (comma-separated ints)")
+  """(prompt_ids [1, P], prompt_mask, images [1, S, H, W, D, 3] or None, image_mask or None) of
+  --token_ids (+ --image: slot k is the k-th image, preprocessed as in evaluation)."""
+  from radfm_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from radfm_jax import generate_inputs  # pylint: disable=g-import-not-at-top
   try:
     ids = [int(t) for t in flags_.token_ids.split(",") if t.strip()]
   except ValueError as e:
     raise ValueError(f"--token_ids={flags_.token_ids!r} must be comma-separated integers") from e
   prompt = np.asarray([ids], np.int32)
-  return prompt, np.ones_like(prompt, bool), None, None
+  if not flags_.image:
+    return prompt, np.ones_like(prompt, bool), None, None
+  spec = preprocess.ImageSpec.from_config(cfg.get("data") or {})
+  _, images = generate_inputs.read_images([generate_inputs.parse_image(s) for s in flags_.image], spec)
+  return prompt, np.ones_like(prompt, bool), images[None], np.ones((1, len(images)), bool)
 
 
 def _cli_mesh(cfg, spec: str):
@@ -218,21 +258,51 @@ def _cli_mesh(cfg, spec: str):
   return sharding.make_mesh(cfg.get("mesh") or dict(data=1, fsdp=-1, tensor=1))
 
 
-def main(argv):
+def main(argv) -> int:
+  """Prints one JSON line per input; returns (exits with) the number of failed inputs, at most 125."""
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from radfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  flags_ = flags.FLAGS
-  if not flags_.checkpoint:
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from radfm_jax import checkpoint, generate_inputs  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if not f.checkpoint:
     raise ValueError("--checkpoint is required")
-  mesh = _cli_mesh(checkpoint.load_config(flags_.checkpoint), flags_.mesh)
-  model, cfg = checkpoint.load_model(flags_.checkpoint, mesh, dtype=flags_.param_dtype or None)
-  prompt, mask, images, image_mask = build_inputs(cfg.model, flags_)
-  with jax.set_mesh(mesh):
-    out = generate(model, prompt, mask, images, image_mask, max_new_tokens=flags_.max_new_tokens,
-                   eos_id=flags_.eos_id, temperature=flags_.temperature, top_k=flags_.top_k,
-                   top_p=flags_.top_p, rng=jax.random.key(flags_.seed))
-  print(json.dumps({"ids": trim(np.asarray(out), flags_.eos_id)[0]}))
+  modes = [m for m in ("token_ids", "prompt", "batch_file") if f[m].value is not None]
+  if len(modes) != 1:
+    raise ValueError(f"give exactly one of --prompt, --batch_file, --token_ids (got {modes or 'none'})")
+  if f.batch_file and f.image:
+    raise ValueError("--image goes with --prompt or --token_ids; a batch file names each line's images")
+  if f.prompt is not None and not f.prompt.strip():
+    raise ValueError("--prompt is empty")
+  mesh = _cli_mesh(checkpoint.load_config(f.checkpoint), f.mesh)
+  model, cfg = checkpoint.load_model(f.checkpoint, mesh, dtype=f.param_dtype or None)
+  sampling = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+  if f.token_ids is not None:
+    prompt, mask, images, image_mask = build_inputs(cfg, f)
+    with jax.set_mesh(mesh):
+      out = generate(model, prompt, mask, images, image_mask, max_new_tokens=f.max_new_tokens,
+                     eos_id=f.eos_id, rng=row_keys(f.seed, [0]), **sampling)
+    print(json.dumps({"ids": trim(np.asarray(out), f.eos_id)[0]}), flush=True)
+    return 0
+  if f.batch_file:
+    inputs = generate_inputs.read_batch_file(f.batch_file)
+    if not inputs:
+      raise ValueError(f"--batch_file={f.batch_file}: no input lines")
+  else:
+    inputs = [generate_inputs.Input(position=0, prompt=f.prompt,
+                                    images=[generate_inputs.parse_image(s) for s in f.image])]
+  failures = 0
+  for res in generate_inputs.answer(model, cfg, inputs, mesh=mesh, batch_size=f.batch_size,
+                                    max_new_tokens=f.max_new_tokens, seed=f.seed, marker=f.image_marker,
+                                    **sampling):
+    if "error" in res:
+      failures += 1
+      where = f"line {res['line']} (id {res['id']!r})" if "line" in res else "the prompt"
+      logging.error("%s failed: %s", where, res["error"])
+    sys.stdout.write(json.dumps(res) + "\n")
+    sys.stdout.flush()
+  logging.info("%d of %d inputs answered, %d failed", len(inputs) - failures, len(inputs), failures)
+  return min(failures, 125)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,13 @@ import json
 import numpy as np
 import pytest
 from absl.testing import flagsaver
-from flax import nnx
 
-from configs import tiny
-from configs.common_data import data_config
+import generation_fixtures
 from eval import generation, radbench
-from radfm_jax import checkpoint, sharding
+from radfm_jax import batch_generate, checkpoint, sharding
 from radfm_jax.data import demo
 from radfm_jax.data import tokenizer as tokenizer_lib
 from radfm_jax.data.store import Store
-from radfm_jax.models.radfm import RadFM
 
 MAX_NEW = 6
 
@@ -23,14 +20,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("evalgen")
   demo.make_demo(str(root / "demo"), n=20, seed=1, workers=0)
   store = str(root / "demo" / "store")
-  cfg = tiny.get_config()
-  tok_path = tokenizer_lib.train_tokenizer(store, str(root / "tok"), cfg.model.vocab_size)
-  cfg.data = data_config(store=store, tokenizer=tok_path, image_hw_2d=(64, 64), image_hw_3d=(64, 64),
-                         depth_buckets=(8,), max_len=cfg.model.lm.max_len, len_buckets=(64, 128),
-                         slot_buckets=(1, 2))
-  ckpt = str(root / "ckpt")
-  checkpoint.save_model(ckpt, RadFM(cfg.model, rngs=nnx.Rngs(0)), cfg)
-  return ckpt, store
+  return generation_fixtures.tiny_checkpoint(root, store, store=store), store
 
 
 def test_batch1_equals_batch8(setup):
@@ -84,7 +74,7 @@ def test_bad_records_are_recorded_not_fatal(setup):
   assert [p.record["id"] for p in prepared] == [r["id"] for r in recs]
   assert [e.row for e in errors] == ["too-long", "bad-task"]
   assert "exceeds 100" in errors[0].reason and "surgery" in errors[1].reason
-  rows = generation.build_batch(prepared, num_rows=4, prompt_len=64, slots=1, grid=(64, 64, 4),
+  rows = batch_generate.build_batch(prepared, num_rows=4, prompt_len=64, slots=1, grid=(64, 64, 4),
                                 pad_id=0, bos_id=1)
   n0 = len(prepared[0].prompt)
   np.testing.assert_array_equal(rows["prompt_ids"][0, -n0:], prepared[0].prompt)

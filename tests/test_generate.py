@@ -150,6 +150,9 @@ def test_bad_prompts(model):
     gen.generate(model, np.array([[1, image_token_id(CFG, 0, 0)]]), np.ones((1, 2), bool), max_new_tokens=2)
   with pytest.raises(ValueError, match="needs rng"):
     gen.generate(model, ids[:, :2], np.ones((1, 2), bool), max_new_tokens=2, temperature=1.0)
+  with pytest.raises(ValueError, match="typed key"):  # a legacy uint32 key would read as 2 row keys
+    gen.generate(model, ids[:, :2], np.ones((1, 2), bool), max_new_tokens=2, temperature=1.0,
+                 rng=jax.random.PRNGKey(0))
 
 
 def test_lm_only_model_as_graphdef_state():
