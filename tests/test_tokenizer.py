@@ -57,6 +57,9 @@ def test_small_corpus_padded_with_unused_pieces(tmp_path):
   ids = sp.encode("a b c d dcba " * 5)
   assert max(ids) < 20, "unused padding pieces must never be produced"
   assert len((tmp_path / "small.vocab").read_text().splitlines()) == 200
+  # A model may still sample an unused id: decode drops it instead of printing "<unused199>".
+  tok = tok_lib.Tokenizer.load(path, max_images=0, tokens_per_image=1)
+  assert sp.decode([199]) != "" and tok.decode([*ids, 199, 198]) == tok.decode(ids)
 
 
 def test_trains_from_store_like_object(tmp_path):

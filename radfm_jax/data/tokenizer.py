@@ -126,7 +126,8 @@ class Tokenizer:
       i = int(i)
       if i == self.eos_id:
         break
-      if i != self.pad_id and i != self.bos_id and 0 <= i < self.text_vocab_size:
+      if (i != self.pad_id and i != self.bos_id and 0 <= i < self.text_vocab_size
+          and not self._sp.IsUnused(i) and not self._sp.IsControl(i)):
         out.append(i)
     return self._sp.decode(out)
 
