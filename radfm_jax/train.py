@@ -40,9 +40,6 @@ from radfm_jax import train_state
 from radfm_jax.data import pipeline
 from radfm_jax.models import radfm
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-
 Batch = Mapping[str, Any]
 EVAL_KEYS = ("example_mask", "closed", "image_dependent")  # host labels of validation rows
 DEVICE_KEYS = tuple(pipeline.DEVICE_KEYS) + EVAL_KEYS
@@ -154,25 +151,32 @@ def to_global(host_batch: Batch, mesh) -> dict:
 # ====================================================================================================
 # Evals.
 # ====================================================================================================
-def make_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
-  """`eval_step(state, batch) -> sums` over the global batch: answer-token NLL and count, and exact
-  matches of closed questions (every answer token is the argmax, i.e. greedy decoding reproduces the
-  answer: closed-question accuracy without generation), overall and on image-dependent questions.
-  Rows with example_mask False (padding) count nowhere."""
+def example_scores(layout: train_state.Layout, cfg: ml_collections.ConfigDict, state, batch: Batch
+                   ) -> dict[str, jax.Array]:
+  """Per row: answer-token NLL sum and count, and `exact`: every answer token is the argmax, i.e. greedy
+  decoding reproduces the answer (closed-question accuracy without generation)."""
   vocab = cfg.model.vocab_size
+  logits = _forward(layout, state["params"], state["frozen"], batch).astype(jnp.float32)
+  valid = _valid_tokens(batch, vocab)
+  tgt = jnp.clip(batch["targets"], 0, vocab - 1)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
+  return {"nll": jnp.where(valid, nll, 0.0).sum(-1), "tokens": valid.sum(-1),
+          "exact": ~(valid & (logits.argmax(-1) != tgt)).any(-1) & valid.any(-1)}
+
+
+def make_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
+  """`eval_step(state, batch) -> sums` over the global batch of `example_scores`: NLL and answer tokens,
+  closed-question exact matches overall and on image-dependent questions. Rows with example_mask False
+  (padding) count nowhere. Sums (not per-row arrays) keep it correct with several processes."""
 
   def eval_step(state, batch):
-    logits = _forward(layout, state["params"], state["frozen"], batch).astype(jnp.float32)
+    s = example_scores(layout, cfg, state, batch)
     real = batch["example_mask"]
-    valid = _valid_tokens(batch, vocab) & real[:, None]
-    tgt = jnp.clip(batch["targets"], 0, vocab - 1)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
-    exact = ~(valid & (logits.argmax(-1) != tgt)).any(-1) & valid.any(-1)
     closed = real & batch["closed"]
     closed_img = closed & batch["image_dependent"]
-    return {"nll": jnp.where(valid, nll, 0.0).sum(), "tokens": valid.sum(),
-            "closed_correct": (exact & closed).sum(), "closed": closed.sum(),
-            "closed_image_correct": (exact & closed_img).sum(), "closed_image": closed_img.sum()}
+    return {"nll": jnp.where(real, s["nll"], 0.0).sum(), "tokens": jnp.where(real, s["tokens"], 0).sum(),
+            "closed_correct": (s["exact"] & closed).sum(), "closed": closed.sum(),
+            "closed_image_correct": (s["exact"] & closed_img).sum(), "closed_image": closed_img.sum()}
 
   return eval_step
 
@@ -220,6 +224,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   ckpts = checkpoint_manager.Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 3))
   start = ckpts.latest_step()
   if start is None:
+    if cfg.get("init_required") and not cfg.get("init_from"):
+      raise ValueError("this config fine-tunes: give --config.init_from=PARAMS_CKPT (a stage-1 export from "
+                       "`python -m radfm_jax.export`, or a `python -m radfm_jax.convert` output)")
     state = train_state.init_state(cfg, layout)
     start = 0
   else:
@@ -395,11 +402,14 @@ def _fmt(d: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not _WORKDIR.value or _CONFIG.value is None:
+  if not flags.FLAGS.workdir or flags.FLAGS.config is None:
     raise app.UsageError("--config and --workdir are required")
   distributed.initialize()
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  # Flags live here so that other CLIs (radfm_jax.demo, bench) can import this module.
+  config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
   app.run(main)

@@ -74,8 +74,7 @@ class TrainData:
     ensure_demo_data(cfg.data, int(cfg.model.vocab_size))
     self.tokenizer = tokenizer_lib.Tokenizer.from_config(cfg.data, cfg.model)
     self.has_eval = bool(cfg.data.get("eval_split"))
-    self._eval_plan = None
-    self._eval_records = None
+    self._plans: dict[str, Any] = {}     # split -> (plan, records per source)
 
   def train_iterator(self, seed_offset: int = 0) -> Any:
     """A checkpointable iterator of this process's training batches (seeded by cfg.seed + offset)."""
@@ -88,28 +87,38 @@ class TrainData:
     d.workers = 0      # short passes: no worker start-up
     return d
 
-  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over the validation split (at most cfg.eval_batches batches), with eval labels."""
-    d = self._eval_cfg()
-    if self._eval_plan is None:
-      self._eval_plan = pipeline.plan(d, self.tokenizer, split=d.eval_split, train=False, seed=0)
-      self._eval_records = [collate.open_records(src)[1] for src in self._eval_plan.sources]
-    it = pipeline.make_pipeline(d, self.tokenizer, split=d.eval_split, train=False, seed=0,
-                                the_plan=self._eval_plan)
+  def eval_records(self, split: str | None = None) -> list[list[dict]]:
+    """The records behind `record_index` of `eval_batches(split)`: [source][record]."""
+    return self._plan(split or self.cfg.data.eval_split)[1]
+
+  def _plan(self, split: str):
+    if split not in self._plans:
+      p = pipeline.plan(self._eval_cfg(), self.tokenizer, split=split, train=False, seed=0)
+      self._plans[split] = (p, [collate.open_records(src)[1] for src in p.sources])
+    return self._plans[split]
+
+  def eval_batches(self, split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a split (default: the validation split; at most cfg.eval_batches batches), with
+    eval labels."""
+    split = split or self.cfg.data.eval_split
+    plan, records = self._plan(split)
+    it = pipeline.make_pipeline(self._eval_cfg(), self.tokenizer, split=split, train=False, seed=0,
+                                the_plan=plan)
     limit = int(self.cfg.get("eval_batches") or 0)
     for i, batch in enumerate(it):
       if limit and i >= limit:
         break
-      yield dict(batch, **self.labels(batch["record_index"]))
+      yield dict(batch, **labels(batch["record_index"], records))
 
-  def labels(self, record_index: np.ndarray) -> dict[str, np.ndarray]:
-    """Per row: example_mask (a real record), closed, image_dependent (from the record's meta)."""
-    first = record_index[:, 0]  # one example per row in evaluation
-    mask = first[:, 0] >= 0
-    closed = np.zeros(len(first), bool)
-    img = np.zeros(len(first), bool)
-    for i in np.flatnonzero(mask):
-      meta = self._eval_records[first[i, 0]][first[i, 1]].get("meta", {})
-      closed[i] = bool(meta.get("closed", False))
-      img[i] = bool(meta.get("image_dependent", False))
-    return {"example_mask": mask, "closed": closed, "image_dependent": img}
+
+def labels(record_index: np.ndarray, records: list[list[dict]]) -> dict[str, np.ndarray]:
+  """Per row: example_mask (a real record), closed, image_dependent (from the record's meta)."""
+  first = record_index[:, 0]  # one example per row in evaluation
+  mask = first[:, 0] >= 0
+  closed = np.zeros(len(first), bool)
+  img = np.zeros(len(first), bool)
+  for i in np.flatnonzero(mask):
+    meta = records[first[i, 0]][first[i, 1]].get("meta", {})
+    closed[i] = bool(meta.get("closed", False))
+    img[i] = bool(meta.get("image_dependent", False))
+  return {"example_mask": mask, "closed": closed, "image_dependent": img}
