@@ -5,7 +5,7 @@ r"""Demo: a small RadFM learns the phantom dataset on CPU in a few minutes.
 
 Data: the demo phantom store (radfm_jax.data.demo, n=1000 phantoms: 1600 train / 200 val / 200 test
 samples; CT and MR volumes, X-rays; closed image-dependent questions balanced so that text alone is at
-chance), built with its tokenizer on first use under data_cache/. Model: ~3M parameters, RadFM's
+chance), built with its tokenizer on first use under data_cache/. Model: 1.5M parameters, RadFM's
 architecture at small sizes (3D ViT with 16x16x4 patches on 64x64x8 inputs, perceiver resampler with 8
 latents, 3-layer LLaMA), bf16 compute with fp32 params.
 

@@ -41,7 +41,7 @@ from radfm_jax import train_state
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo training config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the run, export and reports go.")
 _RADBENCH = flags.DEFINE_bool("radbench", True, "Also generate on the test split and write the RadBench report.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "RadBench generation length limit.")
+_MAX_NEW = flags.DEFINE_integer("radbench_max_new_tokens", 64, "RadBench generation length limit.")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -300,8 +300,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
             f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
             f"{ckpts.directory}. Lower optim.lr, check the data, or raise nonfinite_limit.")
     if step == start + 1:  # the first step compiles: report it, keep it out of the rates
-      m["compile_time"] = summary["first_step_seconds"]
-      window.update(t=time.perf_counter(), wait=0.0)
+      window.update(t=time.perf_counter(), wait=0.0, compile_time=summary["first_step_seconds"])
     else:
       window["steps"] += 1
       window["flops"] += step_flops
@@ -310,6 +309,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     if step % cfg.log_every and step != cfg.total_steps:
       return
     dt = time.perf_counter() - window["t"]
+    if "compile_time" in window:  # on the first logged step
+      m["compile_time"] = window.pop("compile_time")
     if window["steps"]:
       m.update(step_time=dt / window["steps"], input_wait=window["wait"] / window["steps"],
                input_wait_fraction=window["wait"] / dt, text_tokens_per_s=window["tokens"] / dt,

@@ -17,7 +17,7 @@ import pytest
 from radfm_jax import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 24
+STEPS = 40
 LOSS_LINE = re.compile(r"step (\d+) loss ([0-9.eE+-]+|nan|inf)")
 
 
