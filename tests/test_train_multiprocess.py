@@ -28,8 +28,7 @@ def _env(devices: int) -> dict:
 
 def _command(workdir, steps, *extra):
   return [sys.executable, "-m", "radfm_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-          f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--config.log_every=1",
-          "--config.data.eval_split=", *extra]
+          f"--config.total_steps={steps}", "--config.checkpoint_every=2", "--config.log_every=1", *extra]
 
 
 def _losses(log: str) -> dict[int, str]:
@@ -52,10 +51,16 @@ def test_two_processes_train_then_one_process_resumes(tmp_path):
   ckpt = tmp_path / "checkpoints" / "4"
   assert sorted(f for f in os.listdir(ckpt / "data") if f.endswith(".json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
-  # Only process 0 writes metrics.jsonl.
-  assert [r["step"] for r in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r] == [1, 2, 3, 4]
+  # Only process 0 writes metrics.jsonl. Validation at the end: each process feeds its half of every
+  # batch with its rows' labels; all 21 closed questions of the demo val split are counted once.
+  records = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+  val = [r for r in records if "val/loss" in r]
+  assert len(val) == 1 and val[0]["val/closed_count"] == 21
+  v0, v1 = (re.findall(r"validation (.*) \(", log) for log in logs)
+  assert len(v0) == 1 and v0 == v1
 
-  single = subprocess.run(_command(tmp_path, 6), cwd=REPO, env=_env(8), capture_output=True, text=True,
+  single = subprocess.run(_command(tmp_path, 6, "--config.data.eval_split="), cwd=REPO, env=_env(8), capture_output=True, text=True,
                           timeout=400)
   log = single.stdout + single.stderr
   assert single.returncode == 0, log[-4000:]
