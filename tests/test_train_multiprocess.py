@@ -60,8 +60,8 @@ def test_two_processes_train_then_one_process_resumes(tmp_path):
   v0, v1 = (re.findall(r"validation (.*) \(", log) for log in logs)
   assert len(v0) == 1 and v0 == v1
 
-  single = subprocess.run(_command(tmp_path, 6, "--config.data.eval_split="), cwd=REPO, env=_env(8), capture_output=True, text=True,
-                          timeout=400)
+  single = subprocess.run(_command(tmp_path, 6, "--config.data.eval_split="), cwd=REPO, env=_env(8),
+                          capture_output=True, text=True, timeout=400)
   log = single.stdout + single.stderr
   assert single.returncode == 0, log[-4000:]
   assert "Process 0/1, 8 local / 8 global devices" in log
