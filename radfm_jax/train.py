@@ -280,6 +280,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                                            every_steps=cfg.log_every)]
   if cfg.get("profile_steps") and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
+                                          profile_duration_ms=None, every_secs=None,
                                           first_profile=start + cfg.get("profile_first", 5)))
   limit = int(cfg.get("nonfinite_limit", 10))
   summary: dict[str, Any] = {"start_step": start}
