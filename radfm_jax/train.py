@@ -296,6 +296,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                       m["nonfinite_consecutive"], m["nonfinite_total"])
       if m["nonfinite_consecutive"] >= limit:
         ckpts.close()
+        writer.close()
+        preemption.restore_handler()
         raise NonFiniteError(
             f"{limit} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping. "
             f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
