@@ -83,6 +83,21 @@ def test_export_writes_a_loadable_params_checkpoint(two_runs, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_init_from_a_params_checkpoint(two_runs, tmp_path):
+  """Stage-2 style start: `init_from` an exported params checkpoint (here with the LM frozen)."""
+  (workdir, summary), _ = two_runs
+  dst = checkpoint_manager.export(str(workdir), str(tmp_path / "export"))
+  cfg = _cfg(init_from=dst)
+  cfg.optim.freeze = (r"^lm/",)
+  layout = train_state.make_layout(cfg, sharding.make_mesh(cfg.mesh))
+  state = train_state.init_state(cfg, layout)
+  got = train_state.merge_params(state["params"], state["frozen"])
+  want = train_state.merge_params(summary["state"]["params"], summary["state"]["frozen"])
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert set(state["frozen"]) == {"lm"} and int(state["step"]) == 0
+
+
 def test_nonfinite_streak_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   """Batches from step 5 on carry NaN images: steps 5..7 are skipped, the third in a row stops the run
   with a clear error; checkpoint 4 (good) stays the latest and nothing is saved during the streak."""
