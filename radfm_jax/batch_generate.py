@@ -8,8 +8,9 @@ when it has no image) and whatever the caller's image loader needs (`payload`).
 batches of `batch_size`. Prompts are LEFT-padded to a length bucket, image slots padded to a slot bucket,
 and the rows padded with dummy rows (just BOS) to `batch_size` rounded up to the number of batch shards
 (data x fsdp), so at most groups x length buckets x slot buckets shapes are compiled. Images are loaded
-batch by batch through the caller's `load_images(request, grid) -> float32 [n_images, *grid, 3]`; a
-request whose images fail to load becomes an error (the batch goes on without it).
+batch by batch through the caller's `load_images(request, grid) -> float32 [n_images, *grid, C]`
+(C = spec.image_channels: 1, gray, replicated by the model on device, or 3); a request whose images fail
+to load becomes an error (the batch goes on without it).
 
 A row's tokens depend on its own prompt and images only (left padding + masks; tests check batch 1
 against batch 8) and, when sampling, on its own key `generate.row_keys(seed, [request.index])`: the same
@@ -89,9 +90,11 @@ def rows_per_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 
 
 def build_batch(rows: Sequence[Request], *, num_rows: int, prompt_len: int, slots: int,
-                grid: tuple[int, int, int] | None, pad_id: int, bos_id: int) -> dict[str, np.ndarray]:
+                grid: tuple[int, int, int] | None, pad_id: int, bos_id: int,
+                channels: int = 1) -> dict[str, np.ndarray]:
   """Host arrays of one batch: LEFT-padded prompts; dummy rows (just BOS) fill up to num_rows.
-  With a grid, `images` zeros [num_rows, slots, *grid, 3] and `image_mask` False, for the caller to fill."""
+  With a grid, `images` zeros [num_rows, slots, *grid, channels] and `image_mask` False, for the caller
+  to fill."""
   ids = np.full((num_rows, prompt_len), pad_id, np.int32)
   mask = np.zeros((num_rows, prompt_len), bool)
   ids[:, -1], mask[:, -1] = bos_id, True  # dummy rows
@@ -101,7 +104,7 @@ def build_batch(rows: Sequence[Request], *, num_rows: int, prompt_len: int, slot
     mask[r, prompt_len - len(p.prompt):] = True
   batch = {"prompt_ids": ids, "prompt_mask": mask}
   if grid is not None:
-    batch["images"] = np.zeros((num_rows, slots, *grid, 3), np.float32)
+    batch["images"] = np.zeros((num_rows, slots, *grid, channels), np.float32)
     batch["image_mask"] = np.zeros((num_rows, slots), bool)
   return batch
 
@@ -155,14 +158,15 @@ def run(model, requests: Sequence[Request], load_images: Callable[[Request, tupl
     slots = collate.bucket(max(r.n_images for r in rows), shapes.slot_buckets) if grid else 0
     plen = collate.bucket(max(len(r.prompt) for r in rows), shapes.len_buckets)
     batch = build_batch(rows, num_rows=num_rows, prompt_len=plen, slots=slots, grid=grid,
-                        pad_id=tok.pad_id, bos_id=tok.bos_id)
+                        pad_id=tok.pad_id, bos_id=tok.bos_id, channels=spec.image_channels)
     ok = []
     for r, req in enumerate(rows):
       try:
         if grid is not None and req.n_images:
           images = load_images(req, grid)
-          if images.shape != (req.n_images, *grid, 3):
-            raise ValueError(f"images of shape {images.shape}, expected {(req.n_images, *grid, 3)}")
+          want = (req.n_images, *grid, spec.image_channels)
+          if images.shape != want:
+            raise ValueError(f"images of shape {images.shape}, expected {want}")
           batch["images"][r, :req.n_images] = images
           batch["image_mask"][r, :req.n_images] = True
         ok.append(r)

@@ -229,7 +229,7 @@ def _define_flags():
 
 
 def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-  """(prompt_ids [1, P], prompt_mask, images [1, S, H, W, D, 3] or None, image_mask or None) of
+  """(prompt_ids [1, P], prompt_mask, images [1, S, H, W, D, C] or None, image_mask or None) of
   --token_ids (+ --image: slot k is the k-th image, preprocessed as in evaluation)."""
   from radfm_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from radfm_jax import generate_inputs  # pylint: disable=g-import-not-at-top

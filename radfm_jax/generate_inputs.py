@@ -154,7 +154,8 @@ def place_images(prompt: str, n_images: int, marker: str = DEFAULT_MARKER) -> di
 
 
 def read_images(images: Sequence[ImageArg], spec: preprocess.ImageSpec) -> tuple[int, np.ndarray | None]:
-  """(group, float32 [S, *grid, 3]) of a prompt's images on their own grid; (TEXT_ONLY, None) for none."""
+  """(group, float32 [S, *grid, spec.image_channels]) of a prompt's images on their own grid;
+  (TEXT_ONLY, None) for none."""
   if not images:
     return batch_generate.TEXT_ONLY, None
   vols = [im.read() for im in images]

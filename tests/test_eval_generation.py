@@ -80,4 +80,6 @@ def test_bad_records_are_recorded_not_fatal(setup):
   np.testing.assert_array_equal(rows["prompt_ids"][0, -n0:], prepared[0].prompt)
   assert not rows["prompt_mask"][0, :-n0].any() and rows["prompt_mask"][0, -n0:].all()
   assert rows["prompt_mask"][3].sum() == 1 and rows["prompt_ids"][3, -1] == 1  # dummy row: BOS only
-  assert rows["images"].shape == (4, 1, 64, 64, 4, 3)
+  assert rows["images"].shape == (4, 1, 64, 64, 4, 1)  # gray by default; the model replicates it
+  assert batch_generate.build_batch(prepared, num_rows=4, prompt_len=64, slots=1, grid=(64, 64, 4), pad_id=0,
+                                    bos_id=1, channels=3)["images"].shape == (4, 1, 64, 64, 4, 3)

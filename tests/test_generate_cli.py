@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
   spec = preprocess.ImageSpec.from_config(cfg.data)
   vols = [readers.read_scan(str(root / "scan.nii.gz")), readers.read_scan(str(root / "cxr.png"))]
   images = preprocess.prepare_sample([v.array for v in vols], [v.meta for v in vols], spec)
-  assert images.shape == (2, 64, 64, 8, 3)  # the 3D grid; the PNG repeated along depth
+  assert images.shape == (2, 64, 64, 8, 1)  # the 3D grid; the PNG repeated along depth; gray (C_host = 1)
   prompt = tok.build_prompt({"question": BOTH_TEXT, "images": [{"field": "question", "char": 8},
                                                                {"field": "question", "char": 14}]})
   out = generate.generate(model, np.asarray([prompt]), np.ones((1, len(prompt)), bool), images[None],
@@ -149,7 +149,7 @@ def test_multi_scan_npy_case_by_index(tmp_path):
   np.save(tmp_path / "case.npy", case)
   spec = preprocess.ImageSpec(image_hw_3d=(64, 64), depth_buckets=(8,))
   group, images = generate_inputs.read_images([generate_inputs.parse_image(f"{tmp_path}/case.npy#1")], spec)
-  assert group == 8 and images.shape == (1, 64, 64, 8, 3)
+  assert group == 8 and images.shape == (1, 64, 64, 8, 1)
   np.testing.assert_array_equal(images[0, :, :16], 1.0)  # scan 1 (min-max to [0, 1]), not scan 0
   np.testing.assert_array_equal(images[0, :, 16:], 0.0)
   with pytest.raises(ValueError, match="pass an index"):

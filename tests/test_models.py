@@ -92,7 +92,7 @@ def test_patchify_order_and_pos_embedding(model):
     ((1, 1, 32, 32, 6, 3), "D=6 is not a positive multiple of the patch size 4"),
     ((1, 1, 32, 544, 4, 3), "W gives 17 patches; the position table allows at most 16"),
     ((1, 1, 32, 32, 516, 3), "D gives 129 patches"),
-    ((1, 1, 32, 32, 4, 1), "1 channels"),
+    ((1, 1, 32, 32, 4, 2), "2 channels"),  # C = 1 is replicated (below); other mismatches are errors
     ((1, 5, 32, 32, 4, 3), "5 slots; cfg.max_images=4"),
     ((1, 32, 32, 4, 3), r"\[B, S, H, W, D, C\]"),
 ])
@@ -132,6 +132,20 @@ def test_embedding_splice(model):
   np.testing.assert_array_equal(x[:, TPI + 2], markers[[1, 1]])
   np.testing.assert_array_equal(x[0, 2:2 + TPI], np.asarray(emb[0, 1]))
   np.testing.assert_array_equal(x[1, 2:2 + TPI], np.asarray(emb[1, 0]))
+
+
+def test_gray_images_replicated_on_device(forward):
+  """A 1-channel batch (what the input pipeline sends) gives the logits of its 3-channel host replica."""
+  assert CFG.vision.channels == 3
+  gray = _images(2, 2, 32, 32, 4)[..., :1]
+  rgb = jnp.repeat(gray, 3, axis=-1)
+  mask = jnp.array([[True, True], [True, False]])
+  ids = jnp.array([[1] + _image_block(CFG, 0) + _image_block(CFG, 1) + [5, 6],
+                   [1] + _image_block(CFG, 0) + [5, 6, 7, 8] + [0] * TPI])
+  got, want = np.asarray(forward(ids, gray, mask)), np.asarray(forward(ids, rgb, mask))
+  np.testing.assert_array_equal(got, want)
+  other = np.asarray(forward(ids, rgb.at[..., 1].set(0.0), mask))  # the channels do matter
+  assert not np.allclose(got[:, 1:], other[:, 1:])
 
 
 def test_logits_cover_text_vocab_only(forward):

@@ -7,14 +7,18 @@ import torch
 from radfm_jax.data import preprocess as pp
 
 SPEC = pp.ImageSpec(image_hw_2d=(16, 16), depth_2d=4, image_hw_3d=(8, 8), depth_buckets=(4, 8, 16))
+SPEC3 = pp.ImageSpec(image_hw_2d=(16, 16), depth_2d=4, image_hw_3d=(8, 8), depth_buckets=(4, 8, 16),
+                     image_channels=3)
 
 
 def test_minmax_and_uint8_and_constant():
   vol = np.arange(2 * 2 * 4, dtype=np.int16).reshape(2, 2, 4, 1) * 10 - 50
   out = pp.prepare_image(vol, {"unit": "raw"}, SPEC, (2, 2, 4))
-  assert out.shape == (2, 2, 4, 3) and out.dtype == np.float32
+  assert out.shape == (2, 2, 4, 1) and out.dtype == np.float32  # C_host = 1 by default
   np.testing.assert_allclose(out[..., 0], (vol[..., 0] - vol.min()) / (vol.max() - vol.min()), rtol=1e-6)
-  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  out3 = pp.prepare_image(vol, {"unit": "raw"}, SPEC3, (2, 2, 4))
+  assert out3.shape == (2, 2, 4, 3)
+  np.testing.assert_array_equal(out3, np.broadcast_to(out, out3.shape))  # the gray replica, bit for bit
   img = np.array([[[[0]], [[51]]], [[[255]], [[102]]]], np.uint8)  # [2, 2, 1, 1]; RadFM 2D: x / 255
   out = pp.prepare_image(img, {"unit": "uint8", "is_2d": True}, SPEC, (2, 2, 4))
   np.testing.assert_allclose(out[:, :, 0, 0], [[0, 0.2], [1, 0.4]], rtol=1e-6)
@@ -64,8 +68,10 @@ def test_linear_cubic_shapes_and_range():
   for method in ("linear", "cubic"):
     r = pp.resize(vol, (16, 16, 1), method)
     assert r.shape == (16, 16, 1, 3) and r.dtype == np.float32
-  out = pp.prepare_image(vol, {"unit": "uint8"}, SPEC, (16, 16, 4))
+  out = pp.prepare_image(vol, {"unit": "uint8"}, SPEC3, (16, 16, 4))
   assert out.shape == (16, 16, 4, 3) and out.min() >= 0 and out.max() <= 1
+  gray = pp.prepare_image(vol, {"unit": "uint8"}, SPEC, (16, 16, 4))
+  assert gray.shape == (16, 16, 4, 1) and gray.min() >= 0 and gray.max() <= 1
   # Upsampling a smooth ramp linearly stays monotone and spans the range.
   ramp = np.linspace(0, 1, 4, dtype=np.float32).reshape(4, 1, 1, 1)
   up = pp.resize(ramp, (8, 1, 1), "linear")[:, 0, 0, 0]
@@ -81,7 +87,9 @@ def test_depth_buckets_and_sample_grid():
   assert pp.sample_grid([(30, 30, 1, 1)], [{"is_2d": False}], SPEC) == (8, 8, 4)
   vols = [np.ones((30, 30, 1, 1), np.uint8), np.arange(9 * 9 * 7).reshape(9, 9, 7, 1)]
   out = pp.prepare_sample(vols, [{"is_2d": True}, {"unit": "raw"}], SPEC)
-  assert out.shape == (2, 8, 8, 8, 3)
+  assert out.shape == (2, 8, 8, 8, 1)
+  out3 = pp.prepare_sample(vols, [{"is_2d": True}, {"unit": "raw"}], SPEC3)
+  np.testing.assert_array_equal(out3, np.repeat(out, 3, axis=-1))
 
 
 def test_train_crop_is_seeded_eval_is_deterministic():
@@ -108,10 +116,20 @@ def test_train_crop_is_seeded_eval_is_deterministic():
 def test_channels_and_bad_input():
   rgb = np.zeros((4, 4, 1, 3), np.uint8)
   rgb[..., 0] = 255
-  out = pp.prepare_image(rgb, {"is_2d": True}, SPEC, (4, 4, 4))
-  np.testing.assert_array_equal(out[0, 0, 0], [1, 0, 0])
+  rgb[0, 0, 0] = (255, 255, 255)
+  rgb[1, 1, 0] = (0, 0, 255)
+  out = pp.prepare_image(rgb, {"is_2d": True}, SPEC3, (4, 4, 4))  # C_host = 3 keeps colour
+  np.testing.assert_array_equal(out[0, 1, 0], [1, 0, 0])
   rgba = np.concatenate([rgb, np.full((4, 4, 1, 1), 9, np.uint8)], -1)
-  np.testing.assert_array_equal(pp.prepare_image(rgba, {"is_2d": True}, SPEC, (4, 4, 4)), out)
+  np.testing.assert_array_equal(pp.prepare_image(rgba, {"is_2d": True}, SPEC3, (4, 4, 4)), out)
+  # C_host = 1: colour -> BT.601 luma (PIL "L"), in [0, 1]; alpha dropped.
+  gray = pp.prepare_image(rgb, {"is_2d": True}, SPEC, (4, 4, 4))
+  assert gray.shape == (4, 4, 4, 1)
+  np.testing.assert_allclose(gray[..., 0], out @ np.array([0.299, 0.587, 0.114], np.float32), rtol=1e-6)
+  np.testing.assert_allclose(gray[[0, 0, 1], [0, 1, 1], 0, 0], [1.0, 0.299, 0.114], rtol=1e-6)
+  np.testing.assert_array_equal(pp.prepare_image(rgba, {"is_2d": True}, SPEC, (4, 4, 4)), gray)
+  with pytest.raises(ValueError, match="image_channels=2"):
+    pp.ImageSpec(image_channels=2)
   with pytest.raises(ValueError, match="vol-x: 2 channels"):
     pp.prepare_image(np.zeros((4, 4, 1, 2)), {}, SPEC, (4, 4, 4), name="vol-x")
   bad = np.ones((4, 4, 4, 1), np.float32)
@@ -127,6 +145,7 @@ def test_spec_from_config():
                                        depth_buckets=[8], intensity="minmax", batch_size=3))
   spec = pp.ImageSpec.from_config(cfg)
   assert spec.image_hw_2d == (64, 64) and spec.depth_buckets == (8,) and spec.intensity == "minmax"
-  assert spec.interpolation_3d == "nearest"
+  assert spec.interpolation_3d == "nearest" and spec.image_channels == 1
+  assert pp.ImageSpec.from_config(dict(image_channels=3)).image_channels == 3
   with pytest.raises(ValueError, match="increasing"):
     pp.ImageSpec(depth_buckets=(8, 4))

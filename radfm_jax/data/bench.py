@@ -1,14 +1,16 @@
 """Input pipeline benchmark: the full Grain pipeline vs a raw TensorStore read of the same volumes.
 
   python -m radfm_jax.data.bench [--volumes=32] [--vol_shape=256,256,64] [--batch=4] [--workers=2]
+                                [--image_channels=1]
 
 Builds a store of n CT-like int16 volumes (store_bench.ct_like_volumes: pydicom's real CT slice plus
 noise, default chunks and codec), one 3D report sample per volume, and a small tokenizer; then measures
 in one run:
   raw       Store.read_volume of every volume, one thread (decode only), and with `threads` threads;
   pipeline  make_pipeline(train=True) at RadFM's 3D grid (256x256 x depth bucket), `workers` Grain
-            processes: read + min-max + resize + 3 channels + tokenize + batch; the first batch (worker
-            start-up) is timed apart.
+            processes: read + min-max + resize + tokenize + batch of `image_channels` (C_host, 1 = gray:
+            the model replicates it on device) float32 channels; the first batch (worker start-up)
+            is timed apart.
 MB/s counts the stored (native int16) bytes of the volumes consumed; "out MB/s" the float32 images
 produced. Finishes in about a minute on 2 cores.
 """
@@ -30,6 +32,7 @@ _BATCH = flags.DEFINE_integer("batch", 4, "global batch of 3D samples")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Grain worker processes")
 _THREADS = flags.DEFINE_integer("threads", 2, "read threads (raw threaded read, and per worker)")
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "pipeline epochs timed after the first batch")
+_CHANNELS = flags.DEFINE_integer("image_channels", 1, "host image channels (data.image_channels): 1 or 3")
 _OUT = flags.DEFINE_string("scratch", "", "scratch folder (default: a temporary folder, removed after)")
 
 
@@ -67,13 +70,14 @@ def raw_read(root: str, keys: list[str], threads: int) -> float:
 
 
 def run_pipeline(root: str, tok_path: str, n: int, shape, batch: int, workers: int, threads: int,
-                 epochs: int) -> dict[str, float]:
+                 epochs: int, channels: int = 1) -> dict[str, float]:
   from configs import common_data  # pylint: disable=g-import-not-at-top
   from radfm_jax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
   tok = tokenizer.Tokenizer.load(tok_path, max_images=1, tokens_per_image=32)
   cfg = common_data.data_config(store=root, image_hw_3d=(256, 256), max_len=128, len_buckets=(128,),
                                 slot_buckets=(1,), batch_size=batch, batch_size_3d=batch, workers=workers,
-                                read_threads=threads, prefetch=2, worker_buffer=2)
+                                read_threads=threads, prefetch=2, worker_buffer=2,
+                                image_channels=channels)
   t0 = time.perf_counter()
   it = pipeline.make_pipeline(cfg, tok, split="train", train=True, seed=0, process_index=0, process_count=1)
   first = next(it)
@@ -109,7 +113,8 @@ def main(argv) -> None:
       dt = raw_read(root, keys, threads)
       rows.append((f"raw TensorStore read, {threads} thread(s)", n / dt, mib / dt, float("nan")))
     for workers in sorted({0, _WORKERS.value}):
-      r = run_pipeline(root, tok_path, n, shape, _BATCH.value, workers, _THREADS.value, _EPOCHS.value)
+      r = run_pipeline(root, tok_path, n, shape, _BATCH.value, workers, _THREADS.value, _EPOCHS.value,
+                       _CHANNELS.value)
       sps = r["samples"] / r["seconds"]
       rows.append((f"pipeline, {workers} worker(s), grid {r['grid']}, first batch {r['first_s']:.1f}s",
                    sps, sps * per, r["out_bytes"] / 2**20 / r["seconds"]))

@@ -129,7 +129,7 @@ class BatchBuilder:
   # ------------------------------------------------------------------ images
 
   def _row_images(self, text: dict[str, Any], grid, rng, out: np.ndarray) -> None:
-    """Reads and preprocesses the row's images into `out` [S, *grid, 3] (left zero on failure)."""
+    """Reads and preprocesses the row's images into `out` [S, *grid, C_host] (left zero on failure)."""
     stores = self._stores()
     vols, metas, names = [], [], []
     for d, key in text["keys"]:
@@ -174,7 +174,7 @@ class BatchBuilder:
     batch = {k: np.zeros((b, t), np.int32) for k in text_keys}
     batch["inputs"][:] = self.tok.pad_id
     batch["targets"][:] = self.tok.pad_id
-    batch["images"] = np.zeros((b, s, *grid, 3), np.float32)
+    batch["images"] = np.zeros((b, s, *grid, self.spec.image_channels), np.float32)
     batch["image_mask"] = np.zeros((b, s), bool)
     batch["record_index"] = np.full((b, p, 2), -1, np.int64)
     skipped = 0

@@ -6,7 +6,8 @@
 
 Batch keys (b = global batch / process_count rows, T text length bucket, S image-slot bucket):
   to device (collate.DEVICE_KEYS): inputs, targets, loss_mask, positions, segment_ids  int32 [b, T]
-    (segment_ids 0 = padding), images float32 [b, S, H, W, D, 3] in [0, 1], image_mask bool [b, S]
+    (segment_ids 0 = padding), images float32 [b, S, H, W, D, C] in [0, 1] (C = image_channels, 1 by
+    default: gray, replicated to vision.channels by the model on device), image_mask bool [b, S]
   host only (collate.HOST_KEYS): record_index int64 [b, P, 2] ((dataset, record) of each sample of a
     row, -1 unused; P = pack_max_samples or 1), num_skipped int32 [] (rows skipped in this batch).
 

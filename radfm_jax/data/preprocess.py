@@ -1,8 +1,14 @@
-"""Image preprocessing shared by training, evaluation and generation: intensity to [0,1], resize, 3 channels.
+"""Image preprocessing shared by training, evaluation and generation: intensity to [0,1], resize, channels.
 
 One function, `prepare_sample`, turns a sample's stored volumes (native dtype, `[H, W, D, C]`, 2D images
-with D = 1) into the model input `float32 [S, H, W, D, 3]` in [0, 1], channels last. Training passes an
-rng (random resized crop); evaluation and generation pass none and get a deterministic result.
+with D = 1) into the model input `float32 [S, H, W, D, C_host]` in [0, 1], channels last. Training passes
+an rng (random resized crop); evaluation and generation pass none and get a deterministic result.
+
+Channels (`image_channels`, C_host): 1 (default) sends one gray channel and the model replicates it to
+`cfg.vision.channels` on device (RadFM.encode_images) -- a third of the host work and transfer, and the
+same patches, since RadFM's inputs are gray replicated to 3 channels. An RGB source with real colour is
+converted to gray for C_host = 1 (ITU-R BT.601 luma, PIL's "L": 0.299 R + 0.587 G + 0.114 B, after the
+intensity scaling); C_host = 3 keeps colour and replicates gray sources on the host (the old behaviour).
 
 Grids (all from the data config, RadFM defaults in brackets):
 - 2D images: `image_hw_2d` [512x512], repeated along depth to `depth_2d` [4].
@@ -31,6 +37,7 @@ CT_WINDOWS = {  # name: (center, width) in HU
     "mediastinum": (50.0, 350.0), "liver": (60.0, 160.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0),
 }
 _METHODS = ("nearest", "linear", "cubic")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 (PIL "L"): RGB -> gray for C_host = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,7 @@ class ImageSpec:
   interpolation_3d: str = "nearest"
   crop_scale: tuple[float, float] = (0.8, 1.0)   # train-time random resized crop, area fraction
   crop_3d: bool = False                          # RadFM crops 2D images only
+  image_channels: int = 1                        # C_host: 1 gray (model replicates on device) or 3
 
   def __post_init__(self):
     if not self.depth_buckets or sorted(self.depth_buckets) != list(self.depth_buckets):
@@ -53,6 +61,8 @@ class ImageSpec:
       if getattr(self, name) not in _METHODS:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {_METHODS}")
     _window(self.intensity)  # validates
+    if self.image_channels not in (1, 3):
+      raise ValueError(f"image_channels={self.image_channels!r}: expected 1 (gray, replicated on device) or 3")
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> ImageSpec:
@@ -186,9 +196,9 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float
 def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: ImageSpec,
                   grid: Sequence[int], *, rng: np.random.Generator | None = None,
                   name: str = "volume", out: np.ndarray | None = None) -> np.ndarray:
-  """One stored volume [H, W, D, C] -> float32 [*grid, 3] in [0, 1]. `rng` only in training.
+  """One stored volume [H, W, D, C] -> float32 [*grid, spec.image_channels] in [0, 1]. `rng` only in training.
 
-  `out` (float32 [*grid, 3], e.g. a row of a batch) is written in place and returned.
+  `out` (float32 [*grid, spec.image_channels], e.g. a row of a batch) is written in place and returned.
   """
   vol = np.asarray(volume)
   if vol.ndim != 4 or vol.size == 0:
@@ -211,11 +221,14 @@ def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: Imag
   x -= np.float32(lo)
   x *= np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
   np.clip(x, 0.0, 1.0, out=x)
+  c = spec.image_channels
+  if c == 1 and x.shape[3] == 3:  # real colour -> gray (a convex combination: stays in [0, 1])
+    x = x @ _LUMA[:, None]
   if out is None:
-    out = np.empty((h, w, d, 3), np.float32)
-  elif out.shape != (h, w, d, 3) or out.dtype != np.float32:
-    raise ValueError(f"{name}: out buffer {out.shape} {out.dtype}, expected {(h, w, d, 3)} float32")
-  out[...] = x  # broadcasts a 2D image along depth and grayscale to 3 channels
+    out = np.empty((h, w, d, c), np.float32)
+  elif out.shape != (h, w, d, c) or out.dtype != np.float32:
+    raise ValueError(f"{name}: out buffer {out.shape} {out.dtype}, expected {(h, w, d, c)} float32")
+  out[...] = x  # broadcasts a 2D image along depth (and gray to 3 channels when C_host = 3)
   return out
 
 
@@ -223,15 +236,16 @@ def prepare_sample(volumes: Sequence[np.ndarray], metas: Sequence[Mapping[str, A
                    spec: ImageSpec, *, rng: np.random.Generator | None = None,
                    names: Sequence[str] | None = None, grid: Sequence[int] | None = None,
                    out: np.ndarray | None = None) -> np.ndarray:
-  """A sample's volumes -> float32 [S, H, W, D, 3] on the sample's grid (or the `grid` given).
+  """A sample's volumes -> float32 [S, H, W, D, C_host] on the sample's grid (or the `grid` given).
 
-  `out` (float32 [>= S, H, W, D, 3]) receives the images in its first S slots, in place.
+  `out` (float32 [>= S, H, W, D, C_host], C_host = spec.image_channels) receives the images in its
+  first S slots, in place.
   """
   if grid is None:
     grid = sample_grid([v.shape for v in volumes], metas, spec)
   names = names or [f"image {i}" for i in range(len(volumes))]
   if out is None:
-    out = np.empty((len(volumes), *grid, 3), np.float32)
+    out = np.empty((len(volumes), *grid, spec.image_channels), np.float32)
   for i, (vol, meta) in enumerate(zip(volumes, metas)):
     prepare_image(vol, meta, spec, grid, rng=rng, name=names[i], out=out[i])
   return out

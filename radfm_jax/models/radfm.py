@@ -7,6 +7,7 @@ outputs of image slot K // tokens_per_image. Logits cover the text vocabulary on
 
 Images are channels-last [B, S, H, W, D, C] in [0, 1] with `image_mask [B, S]` marking used slots
 (unused slots are computed but their tokens are zeroed; referencing them is an error when checked).
+C = cfg.vision.channels, or C = 1 (gray, as the input pipeline sends it): replicated on device.
 
 Parameter tree (vision and resampler: see vit3d.py / perceiver.py; LM: see llama.py):
   vision/...                                   VisionTransformer3D
@@ -92,11 +93,17 @@ class RadFM(nnx.Module):
 
   # -- images -----------------------------------------------------------------------------------------
   def encode_images(self, images: jax.Array, image_mask: jax.Array | None = None) -> jax.Array:
-    """images [B, S, H, W, D, C] -> image token embeddings [B, S, tokens_per_image, hidden]."""
+    """images [B, S, H, W, D, C] -> image token embeddings [B, S, tokens_per_image, hidden].
+
+    C is cfg.vision.channels, or 1 (the host's gray images): replicated to cfg.vision.channels here, on
+    device, which gives exactly the patches of a host-side replica. Any other C is an error.
+    """
     cfg = self.cfg
     if images.ndim != 6:
       raise ValueError(f"images must be [B, S, H, W, D, C] (2D images as depth-{cfg.vision.patch_d} "
                        f"volumes), got shape {images.shape}")
+    if images.shape[-1] == 1 and cfg.vision.channels != 1:
+      images = jnp.broadcast_to(images, images.shape[:-1] + (cfg.vision.channels,))
     b, s = images.shape[:2]
     if s > cfg.max_images:
       raise ValueError(f"images have {s} slots; cfg.max_images={cfg.max_images}")
