@@ -32,7 +32,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   m.vision = ml_collections.ConfigDict(dict(
       patch_hw=16, patch_d=4, channels=3, dim=96, depth=3, heads=4, head_dim=24, mlp_dim=256,
-      pos_rows=16, pos_cols=16, pos_deps=128, ln_eps=1e-5))
+      pos_rows=16, pos_cols=16, pos_deps=128, ln_eps=1e-5, dropout=0.0, emb_dropout=0.0))
   m.resampler = ml_collections.ConfigDict(dict(depth=2, heads=4, head_dim=24, ff_mult=2, ln_eps=1e-5))
   m.lm = ml_collections.ConfigDict(dict(
       hidden=128, layers=3, heads=4, kv_heads=4, head_dim=32, mlp=384, rms_eps=1e-6,

@@ -23,7 +23,8 @@ def model_config() -> ml_collections.ConfigDict:
 
   m.vision = ml_collections.ConfigDict(dict(
       patch_hw=32, patch_d=4, channels=3, dim=768, depth=12, heads=8, head_dim=64, mlp_dim=2048,
-      pos_rows=16, pos_cols=16, pos_deps=128, ln_eps=1e-5))
+      pos_rows=16, pos_cols=16, pos_deps=128, ln_eps=1e-5,
+      dropout=0.1, emb_dropout=0.1))  # RadFM: ViT dropout 0.1, emb dropout 0.1 (training only)
   m.resampler = ml_collections.ConfigDict(dict(depth=6, heads=8, head_dim=64, ff_mult=4, ln_eps=1e-5))
   m.lm = ml_collections.ConfigDict(dict(
       hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, mlp=13824, rms_eps=1e-6,

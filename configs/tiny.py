@@ -20,7 +20,7 @@ def model_config() -> ml_collections.ConfigDict:
 
   m.vision = ml_collections.ConfigDict(dict(
       patch_hw=32, patch_d=4, channels=3, dim=48, depth=2, heads=2, head_dim=16, mlp_dim=96,
-      pos_rows=16, pos_cols=16, pos_deps=128, ln_eps=1e-5))
+      pos_rows=16, pos_cols=16, pos_deps=128, ln_eps=1e-5, dropout=0.0, emb_dropout=0.0))
   m.resampler = ml_collections.ConfigDict(dict(depth=2, heads=2, head_dim=16, ff_mult=2, ln_eps=1e-5))
   m.lm = ml_collections.ConfigDict(dict(
       hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, rms_eps=1e-6,

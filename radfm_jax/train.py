@@ -57,10 +57,18 @@ def _valid_tokens(batch: Batch, vocab: int) -> jax.Array:
   return batch["loss_mask"].astype(bool) & (t >= 0) & (t < vocab)
 
 
-def _forward(layout: train_state.Layout, params, frozen, batch: Batch) -> jax.Array:
+def dropout_key(seed: int, step: jax.Array | int, microbatch: jax.Array | int = 0) -> jax.Array:
+  """The dropout key of one microbatch of one optimizer step: a pure function of (config seed, step,
+  microbatch), so a run resumed from a checkpoint draws exactly the masks of an uninterrupted one."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), microbatch)
+
+
+def _forward(layout: train_state.Layout, params, frozen, batch: Batch,
+             key: jax.Array | None = None) -> jax.Array:
+  """Logits; dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training)."""
   model = layout.model(params, frozen)
   return model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
-               positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+               positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key)
 
 
 def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
@@ -68,13 +76,15 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
   accumulation over `cfg.microbatches` (lax.scan) and the non-finite guard. Not jitted (see `jit_step`).
 
   The loss is the mean over all answer tokens of the global batch, so any microbatch split gives the
-  same gradient (up to float summation order).
+  same gradient (up to float summation order). Dropout masks come from `dropout_key(cfg.seed, step,
+  microbatch)`: no RNG lives in the state, and a resumed run reproduces every loss.
   """
   vocab, n_micro = cfg.model.vocab_size, int(cfg.get("microbatches", 1))
+  seed = int(cfg.get("seed", 0))
   lr_schedule = optim.schedule(cfg.optim, cfg.total_steps)
 
-  def loss_sum(params, frozen, mb):
-    logits = _forward(layout, params, frozen, mb)
+  def loss_sum(params, frozen, mb, key):
+    logits = _forward(layout, params, frozen, mb, key)
     loss, aux = radfm.loss(logits, mb["targets"], mb["loss_mask"])
     n = aux["tokens"].astype(jnp.float32)
     return loss * n, {"correct": aux["accuracy"] * n}
@@ -85,7 +95,7 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
     params, frozen = state["params"], state["frozen"]
     n_tok = _valid_tokens(batch, vocab).sum().astype(jnp.float32)
     if n_micro == 1:
-      (lsum, aux), grads = grad_fn(params, frozen, batch)
+      (lsum, aux), grads = grad_fn(params, frozen, batch, dropout_key(seed, state["step"]))
     else:
       b = batch["inputs"].shape[0]
       micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((b // n_micro, n_micro) + x.shape[1:]), 0, 1),
@@ -94,13 +104,14 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
           micro, jax.tree.map(lambda x: sharding.NamedSharding(
               layout.mesh, sharding.P(None, sharding.BATCH_AXES)), micro))
 
-      def body(carry, mb):
-        (l, a), g = grad_fn(params, frozen, mb)
+      def body(carry, inp):
+        mb, i = inp
+        (l, a), g = grad_fn(params, frozen, mb, dropout_key(seed, state["step"], i))
         return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
       zeros = (jnp.zeros((), jnp.float32), {"correct": jnp.zeros((), jnp.float32)},
                jax.tree.map(jnp.zeros_like, params))
-      (lsum, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+      (lsum, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
     denom = jnp.maximum(n_tok, 1.0)
     loss = lsum / denom
     grads = jax.tree.map(lambda g: g / denom, grads)

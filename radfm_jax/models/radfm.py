@@ -77,7 +77,8 @@ def _concrete(*xs) -> bool:
 
 class RadFM(nnx.Module):
   """`model(inputs [B, T], images [B, S, H, W, D, C] | None, image_mask [B, S] | None, *, positions,
-  segment_ids) -> logits [B, T, vocab_size] float32`."""
+  segment_ids, dropout_key) -> logits [B, T, vocab_size] float32`. `dropout_key` (training only)
+  turns on the vision tower's dropout; without it the model is deterministic."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     cfg = layers.frozen(cfg)
@@ -92,7 +93,8 @@ class RadFM(nnx.Module):
     self.dtype = layers.dtype_of(cfg.dtype)
 
   # -- images -----------------------------------------------------------------------------------------
-  def encode_images(self, images: jax.Array, image_mask: jax.Array | None = None) -> jax.Array:
+  def encode_images(self, images: jax.Array, image_mask: jax.Array | None = None, *,
+                    dropout_key: jax.Array | None = None) -> jax.Array:
     """images [B, S, H, W, D, C] -> image token embeddings [B, S, tokens_per_image, hidden].
 
     C is cfg.vision.channels, or 1 (the host's gray images): replicated to cfg.vision.channels here, on
@@ -110,7 +112,7 @@ class RadFM(nnx.Module):
     if image_mask is not None and image_mask.shape != (b, s):
       raise ValueError(f"image_mask must be [B, S] = {(b, s)}, got {image_mask.shape}")
     self.vision.grid(images.shape)  # shape checks before any compute
-    tokens = self.vision(images.reshape((b * s,) + images.shape[2:]))
+    tokens = self.vision(images.reshape((b * s,) + images.shape[2:]), dropout_key)  # key: train only
     lat = self.resampler(tokens)
     emb = self.fc(lat).reshape(b, s, cfg.tokens_per_image, cfg.lm.hidden)
     if image_mask is not None:
@@ -135,7 +137,7 @@ class RadFM(nnx.Module):
 
   def __call__(self, inputs: jax.Array, images: jax.Array | None = None,
                image_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be [B, T] token ids, got shape {inputs.shape}")
@@ -148,7 +150,8 @@ class RadFM(nnx.Module):
       image_mask = jnp.ones(images.shape[:2], bool)
     if _concrete(inputs, image_mask):
       check_token_ids(cfg, inputs, image_mask)
-    image_embeds = None if images is None else self.encode_images(images, image_mask)
+    image_embeds = (None if images is None
+                    else self.encode_images(images, image_mask, dropout_key=dropout_key))
     return self.lm(embeds=self.embed(inputs, image_embeds), positions=positions, segment_ids=segment_ids)
 
 

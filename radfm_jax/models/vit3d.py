@@ -25,7 +25,14 @@ M = mlp_dim; logical axes in brackets):
 RadFM torch keys map as: to_patch_embedding.{1,2,3} -> patch_norm_in, patch_proj, patch_norm_out;
 pos_embedding.{row,col,dep}_embed -> pos_{row,col,dep}; layers.i.0.fn.to_qkv rows [q|k|v] (head-major)
 -> q/k/v; to_out.0 -> o; layers.i.1.fn.net.{0,3} -> fc1, fc2; layers.i.{0,1}.norm -> attn_norm, mlp_norm.
-Dropout (0.1 upstream) is not applied.
+
+Dropout (RadFM trains with 0.1 / 0.1): `cfg.vision.emb_dropout` after the position-embedding add and
+`cfg.vision.dropout` on the attention output (after `o`), after the GELU and after `fc2` (lucidrains ViT
+placement; a missing field means 0.0). It is purely functional: `__call__(volumes, dropout_key=None)`
+applies it only when a key is given (training) and is deterministic otherwise (eval, generation). The
+module holds no RNG state: the caller derives the key (the trainer: from (seed, step)), so a restarted
+run draws the same masks. The key is split into one for the embedding and one per layer (fed to the
+layer scan as xs, so scan and remat recompute the same masks); each block splits its key in three.
 """
 from __future__ import annotations
 
@@ -63,13 +70,18 @@ class ViTBlock(nnx.Module):
     self.mlp_norm = layers.LayerNorm(v.dim, eps=v.ln_eps, **kw)
     self.fc1 = layers.Dense(v.dim, v.mlp_dim, axes=("embed", "mlp"), use_bias=True, **kw)
     self.fc2 = layers.Dense(v.mlp_dim, v.dim, axes=("mlp", "embed"), use_bias=True, **kw)
+    self.dropout = nnx.Dropout(float(v.get("dropout", 0.0)))  # no rngs: the key comes with each call
     self.dtype = cfg.dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """One block; `dropout_key` (a single key) turns dropout on, None runs deterministic."""
+    keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+    drop = lambda h, k: self.dropout(h, deterministic=k is None, rngs=k)
     a = self.attn_norm(x)
-    x = x + self.o(layers.attention(self.q(a), self.k(a), self.v(a), None, self.dtype))
+    x = x + drop(self.o(layers.attention(self.q(a), self.k(a), self.v(a), None, self.dtype)), keys[0])
     m = self.mlp_norm(x)
-    return constrain(x + self.fc2(jax.nn.gelu(self.fc1(m), approximate=False)), ACT)
+    h = drop(jax.nn.gelu(self.fc1(m), approximate=False), keys[1])
+    return constrain(x + drop(self.fc2(h), keys[2]), ACT)
 
 
 class VisionTransformer3D(nnx.Module):
@@ -91,6 +103,7 @@ class VisionTransformer3D(nnx.Module):
     self.pos_col = layers.param(rngs, normal, (v.pos_cols, third), ("pos", "pos_embed"), cfg.param_dtype)
     self.pos_dep = layers.param(rngs, normal, (v.pos_deps, third), ("pos", "pos_embed"), cfg.param_dtype)
     self.blocks = layers.stack_blocks(lambda r: ViTBlock(cfg, rngs=r), v.depth, rngs)
+    self.emb_dropout = nnx.Dropout(float(v.get("emb_dropout", 0.0)))
     self.cfg = v
     self.remat, self.scan = cfg.remat, cfg.scan_layers
     self.dtype = layers.dtype_of(cfg.dtype)
@@ -134,12 +147,18 @@ class VisionTransformer3D(nnx.Module):
         jnp.broadcast_to(d[None, None, :], (gh, gw, gd, third))], axis=-1)
     return pos.reshape(gh * gw * gd, 3 * third)
 
-  def __call__(self, volumes: jax.Array) -> jax.Array:
+  def __call__(self, volumes: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """volumes [N, H, W, D, C] -> tokens; dropout only when `dropout_key` (a PRNG key) is given."""
     if volumes.ndim != 5:
       raise ValueError(f"ViT expects volumes [N, H, W, D, C], got shape {volumes.shape}")
     gh, gw, gd = self.grid(volumes.shape)
     x = self.patch_norm_out(self.patch_proj(self.patch_norm_in(self.patchify(volumes))))
     x = (x.astype(jnp.float32) + self.pos_embedding(gh, gw, gd).astype(jnp.float32)).astype(self.dtype)
-    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h), None), constrain(x, ACT),
-                              remat=self.remat, scan=self.scan)
+    emb_key, layer_keys = None, None
+    if dropout_key is not None:
+      emb_key, blocks_key = jax.random.split(dropout_key)
+      layer_keys = jax.random.split(blocks_key, self.cfg.depth)
+    x = self.emb_dropout(x, deterministic=emb_key is None, rngs=emb_key)
+    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, k: (blk(h, k), None), constrain(x, ACT),
+                              layer_keys, remat=self.remat, scan=self.scan)
     return x
