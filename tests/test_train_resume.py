@@ -57,7 +57,10 @@ def _run(workdir, cache_dir, stop_when=None, sig=None, timeout=300):
       break
   rc = proc.wait()
   log = "".join(lines)
-  assert not stop_when or sent, f"the run ended before it could be stopped:\n{log[-3000:]}"
+  crash = log.find("Fatal Python error")
+  context = log[crash:crash + 3000] if crash >= 0 else log[-3000:]
+  assert not stop_when or sent, (f"the run ended (rc={rc}, last step {max(losses, default=None)}) before it "
+                                 f"could be stopped:\n{context}")
   return rc, losses, log
 
 
