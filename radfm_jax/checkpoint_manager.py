@@ -37,7 +37,9 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    # Orbax restores need absolute paths; kvstore URLs (gs://...) are left as they are.
+    workdir = str(workdir)
+    self.directory = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
