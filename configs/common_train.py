@@ -8,7 +8,7 @@ Scripts rely on `seed`, `total_steps`, `log_every`, `checkpoint_every`; all keys
 """
 import ml_collections
 
-from radfm_jax import optim
+from radfm_jax.training import optim
 
 
 def add_train_config(c: ml_collections.ConfigDict, *, optim_overrides=None, **overrides

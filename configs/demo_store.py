@@ -1,7 +1,7 @@
 """The data section for the demo phantom store (radfm_jax.data.demo), built on first use.
 
 `demo_data_config(vocab_size)` points at data_cache/demo-n{n}-s{seed}/ in the repository: the store and
-a tokenizer with `vocab_size` text ids. radfm_jax.train_data builds both when missing (process 0,
+a tokenizer with `vocab_size` text ids. radfm_jax.training.data builds both when missing (process 0,
 under a file lock), so configs using it need no setup. Images are small and every batch has one shape
 (one compilation): 2D images 64x64 repeated to depth 8, 3D volumes 64x64x8, one image slot, text padded
 to 128 tokens (the longest demo sample with its image block is ~100).

@@ -2,7 +2,7 @@
 
   c.data = common_data.data_config(mix=mixes.medmd_pretrain("/data/stores"))
 
-Each name is a `radfm_jax.data.adapters` dataset, built into its own store at ROOT/NAME with
+Each name is a `radfm_jax.data.ingest.adapters` dataset, built into its own store at ROOT/NAME with
   python -m radfm_jax.data.build --from=radfm --dataset=NAME --src=... --out=ROOT/NAME
 A weight is the expected fraction of *samples* drawn from that store (the pipeline turns it into
 per-batch proportions); every store repeats independently, so small sets are revisited more often.

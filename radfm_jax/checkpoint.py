@@ -35,26 +35,15 @@ from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+
+from radfm_jax import models, sharding
 
 FORMAT = "radfm_jax.params/1"
 META_FILE = "radfm_jax.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_FIELDS = ("tokenizer", "tokenizer_path", "tokenizer_model")
-
-
-def model_classes() -> dict[str, Callable[..., nnx.Module]]:
-  """Registry of checkpointable model classes (each built as `cls(cfg.model, rngs=...)`)."""
-  from radfm_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
-  from radfm_jax.models.radfm import RadFM  # pylint: disable=g-import-not-at-top
-  return {"radfm": RadFM, "llama": Llama}
-
-
-def class_name_of(model: nnx.Module) -> str:
-  for name, cls in model_classes().items():
-    if type(model) is cls:  # pylint: disable=unidiomatic-typecheck
-      return name
-  raise ValueError(f"cannot checkpoint a {type(model).__name__}: known classes {sorted(model_classes())}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,18 +183,16 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
   params = param_dict(model_or_state)
   if model_class is None:
     if isinstance(model_or_state, nnx.Module):
-      model_class = class_name_of(model_or_state)
+      model_class = models.name_of(model_or_state)
     else:
       model_class = "radfm" if "vision" in params else "llama"
-  if model_class not in model_classes():
-    raise ValueError(f"model_class={model_class!r}; expected one of {sorted(model_classes())}")
+  models.get(model_class)  # raises on an unknown class
   if os.path.exists(ckpt_dir):
     if not overwrite:
       raise FileExistsError(f"{ckpt_dir} exists (pass overwrite=True to replace it)")
     if jax.process_index() == 0:
       shutil.rmtree(ckpt_dir)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"radfm_jax.save_model:{ckpt_dir}")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_save_registry())) as ckptr:
     ckptr.save(os.path.join(ckpt_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
@@ -244,10 +231,9 @@ def abstract_model(cfg: Any, model_class: str = "radfm", mesh: jax.sharding.Mesh
                    ) -> nnx.Module:
   """The model with `jax.ShapeDtypeStruct` params (no allocation), carrying `mesh`'s shardings."""
   cfg = _full_config(cfg)
-  cls = model_classes()[model_class]
+  cls = models.get(model_class)
   if mesh is None:
     return nnx.eval_shape(lambda: cls(cfg.model, rngs=nnx.Rngs(0)))
-  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
   return sharding.abstract_sharded(lambda: cls(cfg.model, rngs=nnx.Rngs(0)), mesh)
 
 
@@ -322,8 +308,6 @@ def load_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, dtype: Any 
 
 def _radfm_from_lm(ckpt_dir: str, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
                    ) -> nnx.Module:
-  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
-  from radfm_jax.models.radfm import RadFM  # pylint: disable=g-import-not-at-top
   missing = [k for k in ("vision", "resampler", "max_images", "tokens_per_image") if k not in cfg.model]
   if missing or not cfg.model.max_images:
     raise ValueError(f"{ckpt_dir}: LM-only checkpoint whose config has no RadFM image sections "
@@ -331,9 +315,9 @@ def _radfm_from_lm(ckpt_dir: str, cfg: ml_collections.ConfigDict, mesh: jax.shar
                      "it as a RadFM")
   seed = int(cfg.get("seed", 0))
   if mesh is None:
-    model = RadFM(cfg.model, rngs=nnx.Rngs(seed))
+    model = models.get("radfm")(cfg.model, rngs=nnx.Rngs(seed))
   else:
-    model = nnx.merge(*sharding.create_sharded(cfg.model, mesh, seed))
+    model = nnx.merge(*sharding.create_sharded(models.get("radfm"), cfg.model, mesh, seed))
   restore_params(ckpt_dir, model.lm)
   return model
 

@@ -12,17 +12,20 @@ r"""`make demo`: build the phantom dataset, train a small RadFM on CPU, and show
                            model that does not look at the image can do on this balanced data
      chance                1 / number of choices, averaged
    and the validation loss per answer token, per closed-question template.
-3. RadBench (eval/): the exported model generates answers for the test split, scored with the RadBench
-   metrics next to the text-only prior as a baseline; report in WORKDIR/radbench/report.md.
+3. RadBench: the exported model generates answers for the test split (`radfm_jax.inference.split`,
+   in this process), written as predictions files and scored by the RadBench CLI (`python -m
+   eval.radbench --predictions=...`, a subprocess: the library never imports eval/) next to the
+   text-only prior as a baseline; report in WORKDIR/radbench/report.md.
 Numbers go to WORKDIR/demo_results.json as well.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from typing import Any, Sequence
 
@@ -32,16 +35,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from radfm_jax import checkpoint_manager
 from radfm_jax import sharding
-from radfm_jax import train
-from radfm_jax import train_data
-from radfm_jax import train_state
+from radfm_jax.data import store as store_lib
+from radfm_jax.inference import split as split_lib
+from radfm_jax.training import data as train_data
+from radfm_jax.training import export as export_lib
+from radfm_jax.training import loop
+from radfm_jax.training import state as train_state
+from radfm_jax.training import step as train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo training config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the run, export and reports go.")
-_RADBENCH = flags.DEFINE_bool("radbench", True, "Also generate on the test split and write the RadBench report.")
-_MAX_NEW = flags.DEFINE_integer("radbench_max_new_tokens", 64, "RadBench generation length limit.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,13 +79,13 @@ def compare(cfg, data: train_data.TrainData, layout: train_state.Layout, state, 
             prior) -> dict[str, Any]:
   """Model / model without image / text-only prior / chance on a split's closed image-dependent
   questions, overall and per template, plus the answer-token loss."""
-  score = jax.jit(lambda s, b: train.example_scores(layout, cfg, s, b),
+  score = jax.jit(lambda s, b: train_step.example_scores(layout, cfg, s, b),
                   out_shardings=sharding.replicated(layout.mesh))
   records = data.eval_records(split)
   rows = []
   nll = tokens = 0.0
   for hb in data.eval_batches(split):
-    batch = train.to_global(hb, layout.mesh)
+    batch = train_step.to_global(hb, layout.mesh)
     with_img = jax.device_get(score(state, batch))
     no_img = jax.device_get(score(state, dict(batch, image_mask=jax.numpy.zeros_like(batch["image_mask"]))))
     real = hb["example_mask"]
@@ -125,45 +127,58 @@ def _table(res: dict[str, Any], split: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 def radbench(cfg, workdir: str, prior, max_new_tokens: int) -> dict[str, Any]:
   """Exports the params, generates on the test split, scores the model and the text-only prior."""
-  from eval import generation  # pylint: disable=g-import-not-at-top
-  from eval import radbench as radbench_lib  # pylint: disable=g-import-not-at-top
-  from eval import scoring  # pylint: disable=g-import-not-at-top
-  from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
-  export = checkpoint_manager.export(workdir, os.path.join(workdir, "export"), overwrite=True)
-  items, errors, info = generation.predict_store(export, cfg.data.store, "test", batch_size=32,
+  export = export_lib.export(workdir, os.path.join(workdir, "export"), overwrite=True)
+  model, model_cfg, mesh = split_lib.load(export)
+  store = store_lib.Store.open(cfg.data.store)
+  records = split_lib.split_records(store, "test")
+  outputs, errors, _ = split_lib.predict_records(model, model_cfg, records, store, mesh=mesh, batch_size=32,
                                                  max_new_tokens=max_new_tokens)
-  by_id = {r["id"]: r for r in store_lib.Store.open(cfg.data.store).records(split="test")}
-  baseline_items = [dataclasses.replace(it, prediction=prior(by_id[it.id])) for it in items]
+  for e in errors:
+    logging.warning("RadBench: skipped %s row %s: %s", e.source, e.row, e.reason)
   out = os.path.join(workdir, "radbench")
-  scorers = radbench_lib.make_scorers()
-  try:
-    base = radbench_lib.score_and_report(baseline_items, errors, os.path.join(out, "text_prior"), scorers,
-                                         source="text-only prior (most frequent train answer per question)",
-                                         title="RadBench: text-only prior on the demo test split")
-    metrics = radbench_lib.score_and_report(
-        items, errors, out, scorers, source=f"{export} on {cfg.data.store} [test]",
-        title="RadBench: demo model on the demo test split", baseline=base,
-        baseline_label="text-only prior", run_info=info)
-  finally:
-    scorers.close()
-  rows = {(r["task"], r["metric"]): r for r in scoring.headline_rows(base)}
-  headline = []
-  for r in scoring.headline_rows(metrics):
-    if r["primary"]:
-      b = rows.get((r["task"], r["metric"]), {})
-      headline.append({"task": r["task"], "metric": r["metric"], "model": r["value"], "lo": r["lo"],
-                       "hi": r["hi"], "text_prior": b.get("value"), "n": r["n"]})
-  return {"report": os.path.join(out, "report.md"), "headline": headline}
+  os.makedirs(out, exist_ok=True)
+  model_file, prior_file = os.path.join(workdir, "predictions_model.jsonl"), os.path.join(workdir, "predictions_prior.jsonl")
+  _write_predictions(model_file, records, lambda i, r: outputs[i], keep=outputs)
+  _write_predictions(prior_file, records, lambda i, r: prior(r), keep=outputs)
+  base_dir = os.path.join(out, "text_prior")
+  _radbench_cli(f"--predictions={prior_file}", f"--out={base_dir}",
+                "--title=RadBench: text-only prior on the demo test split")
+  lines = _radbench_cli(f"--predictions={model_file}", f"--out={out}", f"--baseline={base_dir}/metrics.json",
+                        "--baseline_label=text-only prior", "--title=RadBench: demo model on the demo test split")
+  return {"report": os.path.join(out, "report.md"), "metrics": os.path.join(out, "metrics.json"),
+          "baseline_metrics": os.path.join(base_dir, "metrics.json"), "headline": lines,
+          "skipped": len(errors)}
+
+
+def _write_predictions(path: str, records, predict, keep) -> None:
+  """A RadBench predictions file (JSONL: id, task, question, answer, prediction, meta, source)."""
+  with open(path, "w", encoding="utf-8") as f:
+    for i, r in enumerate(records):
+      if i in keep:
+        f.write(json.dumps({"id": str(r.get("id", i)), "task": r["task"], "question": r.get("question", ""),
+                            "answer": r.get("answer", ""), "prediction": predict(i, r),
+                            "meta": r.get("meta") or {}, "source": str(r.get("source", ""))},
+                           ensure_ascii=False) + "\n")
+
+
+def _radbench_cli(*args: str) -> list[str]:
+  """Runs `python -m eval.radbench ARGS` (scoring only: no JAX); returns its headline lines."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # eval/ lives beside radfm_jax/
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+  res = subprocess.run([sys.executable, "-m", "eval.radbench", *args], capture_output=True, text=True,
+                       check=False, env=env)
+  if res.returncode:
+    raise RuntimeError(f"eval.radbench {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+  return [l for l in res.stdout.splitlines() if l.strip() and not l.startswith("report:")]
 
 
 # ----------------------------------------------------------------------------------------------------
 def run(cfg, workdir: str, *, with_radbench: bool = True, max_new_tokens: int = 64) -> dict[str, Any]:
   t0 = time.perf_counter()
-  summary = train.train_and_evaluate(cfg, workdir)
+  summary = loop.train_and_evaluate(cfg, workdir)
   t_train = time.perf_counter() - t0
   data = train_data.TrainData(cfg)
   layout = train_state.make_layout(cfg, sharding.make_mesh(cfg.mesh))
-  from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
   prior = text_prior(store_lib.Store.open(cfg.data.store).records(split=cfg.data.train_split))
   results: dict[str, Any] = {"steps": summary["step"], "train_seconds": t_train,
                              "last_train_metrics": summary.get("last_metrics", {})}
@@ -182,8 +197,9 @@ def run(cfg, workdir: str, *, with_radbench: bool = True, max_new_tokens: int = 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  res = run(_CONFIG.value, _WORKDIR.value, with_radbench=_RADBENCH.value, max_new_tokens=_MAX_NEW.value)
-  cfg = _CONFIG.value
+  f = flags.FLAGS
+  res = run(f.config, f.workdir, with_radbench=f.radbench, max_new_tokens=f.radbench_max_new_tokens)
+  cfg = f.config
   m = res["last_train_metrics"]
   print(f"\n== radfm_jax demo: {res['steps']} steps in {res['train_seconds']:.0f}s "
         f"(step {m.get('step_time', float('nan')):.2f}s, {m.get('text_tokens_per_s', 0):.0f} text tokens/s, "
@@ -192,14 +208,16 @@ def main(argv: Sequence[str]) -> None:
     print(_table(res[split], split))
   if "radbench" in res:
     print(f"RadBench on the test split (model vs text-only prior), report: {res['radbench']['report']}")
-    for h in res["radbench"]["headline"]:
-      tp = "-" if h["text_prior"] is None else f"{h['text_prior']:.3f}"
-      print(f"  {h['task']:10s} {h['metric']:22s} {h['model']:.3f} [{h['lo']:.3f}, {h['hi']:.3f}]  "
-            f"text prior {tp}  n={h['n']}")
+    for line in res["radbench"]["headline"]:
+      print("  " + line)
   print(f"Total wall time {res['total_seconds']:.0f}s (train {res['train_seconds']:.0f}s, "
-        f"RadBench {res['radbench_seconds']:.0f}s). Results: {os.path.join(_WORKDIR.value, 'demo_results.json')}")
+        f"RadBench {res['radbench_seconds']:.0f}s). Results: {os.path.join(f.workdir, 'demo_results.json')}")
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo training config.")
+  flags.DEFINE_string("workdir", "runs/demo", "Where the run, export and reports go.")
+  flags.DEFINE_bool("radbench", True, "Also generate on the test split and write the RadBench report.")
+  flags.DEFINE_integer("radbench_max_new_tokens", 64, "RadBench generation length limit.")
   logging.getLogger("jax").setLevel(logging.WARNING)
   app.run(main)

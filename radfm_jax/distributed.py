@@ -19,22 +19,34 @@ import os
 import jax
 from absl import flags
 
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "auto: initialise when a coordinator is given or a cluster is detected.")
+_FLAGS = ("coordinator", "num_processes", "process_id", "distributed")
 
 
-def _cluster_detected() -> bool:
-  """True when JAX's own cluster detection (TPU pod, GKE, SLURM, MPI, ...) recognises the environment."""
+def define_flags() -> None:
+  """Defines --coordinator, --num_processes, --process_id, --distributed. Called by entry modules only
+  (train, generate, export, demo, eval.radbench), under `if __name__ == "__main__"`."""
+  flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "auto: initialise when a coordinator is given or a cluster is detected.")
+
+
+def _flag(name: str):
+  """The flag's value when an entry module defined it and flags are parsed, else None."""
+  return flags.FLAGS[name].value if name in flags.FLAGS and flags.FLAGS.is_parsed() else None
+
+
+def _initialize_detected() -> bool:
+  """`jax.distributed.initialize()` with JAX's own cluster detection (Cloud TPU pod slices, GKE, SLURM,
+  Open MPI, ...); False when no cluster is detected (JAX then asks for a coordinator address)."""
   try:
-    from jax._src import clusters  # JAX's registry of cluster environments.
-    return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types
-               if env.__name__ not in ("ClusterEnv",))
-  except Exception as e:  # pragma: no cover - private API moved: fall back to single process.
-    logging.warning("JAX cluster detection unavailable (%s); assuming a single process.", e)
+    jax.distributed.initialize()
+  except ValueError as e:
+    if "coordinator" not in str(e).lower():
+      raise
     return False
+  return True
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -42,14 +54,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   """Initialises multi-process JAX when needed (see the module docstring). Idempotent."""
   if jax.distributed.is_initialized():
     return
-  flag = lambda f: f.value if flags.FLAGS.is_parsed() else None
-  coordinator = coordinator or flag(_COORDINATOR) or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  num_processes = num_processes or flag(_NUM_PROCESSES) or _env_int("JAX_NUM_PROCESSES")
+  coordinator = coordinator or _flag("coordinator") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = num_processes or _flag("num_processes") or _env_int("JAX_NUM_PROCESSES")
   if process_id is None:
-    process_id = flag(_PROCESS_ID)
+    process_id = _flag("process_id")
   if process_id is None:
     process_id = _env_int("JAX_PROCESS_ID")
-  mode = mode or flag(_DISTRIBUTED) or "auto"
+  mode = mode or _flag("distributed") or "auto"
   if mode == "off":
     return
   if coordinator:
@@ -59,9 +70,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id={process_id} is not in [0, {num_processes})")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-  elif mode == "on" or _cluster_detected():
+  elif mode == "on":
     jax.distributed.initialize()
-  else:
+  elif not _initialize_detected():
     return
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

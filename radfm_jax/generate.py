@@ -1,4 +1,4 @@
-"""Jitted KV-cache decoding for RadFM (batched, left-padded prompts) and the inference CLI.
+"""The inference CLI: answers prompts with images from a checkpoint.
 
   python -m radfm_jax.generate --checkpoint=DIR --image=scan.nii.gz --image=cxr.png \
       --prompt="Compare <image> with <image>. What changed?"
@@ -9,207 +9,28 @@
   python -m radfm_jax.generate --checkpoint=DIR --token_ids=1,17,42 --max_new_tokens=24
   -> {"ids": [...]}   (generated ids, up to and including eos; no tokenizer involved)
 
-Text prompts, image files and batch files: see generate_inputs.py (readers and preprocessing are the
-data pipeline's, deterministic); many prompts are batched by batch_generate.py (shared with RadBench).
-
-One jit holds the prefill (images encoded once, prompt written to a fixed-shape cache of
-P + max_new_tokens slots) and a `lax.while_loop` of single-token steps that stops when every row has
-emitted `eos_id` or after `max_new_tokens`. Prompts are LEFT-padded (`prompt_mask` False on the left);
-positions count real tokens only and padded slots are masked, so a row's output does not depend on the
-other rows or on its padding. Greedy when temperature == 0; otherwise temperature / top-k / top-p
-sampling (one compiled program per (shapes, max_new_tokens, greedy-or-not); eos, pad, temperature,
-top-k and top-p are runtime values). eos defaults to 2 (the id RadFM was trained to stop on; its
-shipped config says 1, a bug).
+Text prompts, image files and batch files: `inference/inputs.py` (readers and preprocessing are the
+data pipeline's, deterministic); many prompts are batched by `inference/batching.py` (shared with
+RadBench); decoding is `inference/decoding.py`. This module holds only the CLI.
 
 The CLI places the parameters on the mesh of the checkpoint's config (`cfg.mesh`, default fsdp over all
 devices; override with --mesh=data,fsdp,tensor) and can cast them on load (--param_dtype=bfloat16).
 """
 from __future__ import annotations
 
-import functools
 import json
-from typing import Any
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from absl import app, flags, logging
 
-from radfm_jax.models import radfm as radfm_lib
-from radfm_jax.models.llama import Llama
+from radfm_jax import checkpoint, distributed, sharding
+from radfm_jax.data import preprocess
+from radfm_jax.inference import inputs as generate_inputs
+from radfm_jax.inference.decoding import generate, row_keys, trim
 
-
-def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: Any = 0.0, top_k: Any = 0,
-                  top_p: Any = 1.0) -> jax.Array:
-  """Next token ids [B] from logits [B, V]: argmax when temperature is (Python) 0, else a sample from
-  softmax(logits / temperature) restricted to the top_k ids (0 = all) and then to the smallest set whose
-  renormalised mass reaches top_p (Hugging Face order). temperature, top_k, top_p may be traced.
-  rng: one key for the batch, or a [B] array of keys (one per row: a row's sample then depends on its
-  own key only, not on its position in the batch)."""
-  if isinstance(temperature, (int, float)) and temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  v = logits.shape[-1]
-  neg = jnp.finfo(jnp.float32).min
-  logits = logits.astype(jnp.float32) / temperature
-  srt = jnp.sort(logits, axis=-1)[:, ::-1]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  in_k = jnp.arange(v) < k
-  probs = jax.nn.softmax(jnp.where(in_k, srt, neg), axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs            # mass strictly above each sorted id
-  keep = in_k & (before < top_p)                         # always keeps the most likely id
-  thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-  masked = jnp.where(logits < thresh, neg, logits)
-  if rng.ndim:  # one key per row
-    return jax.vmap(jax.random.categorical)(rng, masked).astype(jnp.int32)
-  return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
-
-
-def row_keys(seed: int, indices: Any) -> jax.Array:
-  """Per-row sampling keys [B]: fold_in(key(seed), index) (e.g. the request's position in the input), so a
-  request samples the same tokens whatever batch it lands in."""
-  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.asarray(indices, jnp.uint32))
-
-
-def _step_key(rng: jax.Array, i: jax.Array) -> jax.Array:
-  return jax.vmap(jax.random.fold_in, (0, None))(rng, i) if rng.ndim else jax.random.fold_in(rng, i)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, sampling, *,
-              max_new_tokens, greedy):
-  eos_id, pad_id, temperature, top_k, top_p = sampling
-  model = nnx.merge(graphdef, state)
-  b, p = prompt_ids.shape
-  if isinstance(model, Llama):  # LM-only model: text prompts
-    lm, embeds = model, model.embed(prompt_ids)
-  else:
-    lm = model.lm
-    image_embeds = None if images is None else model.encode_images(images, image_mask)
-    embeds = model.embed(prompt_ids, image_embeds)
-  seg = prompt_mask.astype(jnp.int32)
-  positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-  cache = lm.init_cache(b, p + max_new_tokens)
-  logits, cache = lm.decode(embeds, positions, seg, cache)
-  next_pos = seg.sum(axis=1)
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-
-  def cond(c):
-    i, _, _, _, done = c
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(c):
-    i, last, cache, out, done = c
-    if greedy:
-      tok = sample_logits(last, None)
-    else:
-      tok = sample_logits(last, _step_key(rng, i), temperature, top_k, top_p)
-    tok = jnp.where(done, pad_id, tok)
-    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-    done = done | (tok == eos_id)
-    logits, cache = lm.decode(lm.embed(tok[:, None]), (next_pos + i)[:, None],
-                              jnp.ones((b, 1), jnp.int32), cache)
-    return i + 1, logits[:, 0], cache, out, done
-
-  init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, jnp.zeros((b,), bool))
-  return jax.lax.while_loop(cond, body, init)[3]
-
-
-def _split(model_or_split: Any) -> tuple[nnx.GraphDef, nnx.State]:
-  if isinstance(model_or_split, nnx.Module):
-    return nnx.split(model_or_split)
-  graphdef, state = model_or_split
-  return graphdef, state
-
-
-def check_prompt(cfg, prompt_ids: np.ndarray, prompt_mask: np.ndarray, image_mask: Any,
-                 max_new_tokens: int, text_only: bool = False) -> None:
-  """Host-side checks with clear errors: shapes, left padding, non-empty rows, ids, length budget."""
-  if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
-    raise ValueError(f"prompt_ids [B, P] and prompt_mask [B, P] expected, got {prompt_ids.shape} and "
-                     f"{prompt_mask.shape}")
-  m = prompt_mask.astype(bool)
-  if not m.any(axis=1).all():
-    raise ValueError(f"prompt rows {np.flatnonzero(~m.any(axis=1)).tolist()} have no tokens")
-  if (np.diff(m.astype(np.int8), axis=1) < 0).any():
-    raise ValueError("prompts must be LEFT-padded: prompt_mask must be False...False True...True per row")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if prompt_ids.shape[1] + max_new_tokens > cfg.lm.max_len:
-    raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                     f"cfg.lm.max_len={cfg.lm.max_len}")
-  ids = np.where(m, prompt_ids, 0)
-  if text_only and ((ids < 0) | (ids >= cfg.vocab_size)).any():
-    b, t = np.argwhere((ids < 0) | (ids >= cfg.vocab_size))[0]
-    raise ValueError(f"prompt_ids[{b}, {t}] = {ids[b, t]} is outside the LM's vocabulary [0, {cfg.vocab_size})")
-  radfm_lib.check_token_ids(cfg, ids, image_mask, name="prompt_ids")
-
-
-def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, max_new_tokens: int,
-             eos_id: int = 2, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, rng: jax.Array | None = None) -> jax.Array:
-  """Decodes up to `max_new_tokens` per row -> int32 [B, max_new_tokens] (eos, then pad_id after it).
-
-  model: a RadFM (or LM-only Llama) module, or its (graphdef, state). prompt_ids [B, P] LEFT-padded,
-  prompt_mask [B, P] (True = real token); images [B, S, H, W, D, C] with image_mask [B, S], or None for text only.
-  Sampling (temperature > 0) needs `rng`: a key (jax.random.key) for the batch, or [B] keys, one per row
-  (`row_keys`: a row's tokens then do not depend on the other rows). jax.Array inputs keep their
-  sharding (e.g. batch over ("data", "fsdp")); value checks run on the host when the inputs are fully
-  addressable.
-  """
-  graphdef, state = _split(model)
-  merged = nnx.merge(graphdef, state)  # cheap: no array copies
-  cfg, text_only = merged.cfg, isinstance(merged, Llama)
-  if text_only and images is not None:
-    raise ValueError("an LM-only model (Llama) takes no images")
-  if images is not None and image_mask is None:
-    image_mask = np.ones(np.shape(images)[:2], bool)
-  if all(_addressable(x) for x in (prompt_ids, prompt_mask, image_mask)):  # host checks where possible
-    check_prompt(cfg, np.asarray(prompt_ids), np.asarray(prompt_mask),
-                 None if image_mask is None else np.asarray(image_mask), max_new_tokens, text_only)
-  elif np.shape(prompt_ids)[1] + max_new_tokens > cfg.lm.max_len:
-    raise ValueError(f"prompt length {np.shape(prompt_ids)[1]} + max_new_tokens {max_new_tokens} exceeds "
-                     f"cfg.lm.max_len={cfg.lm.max_len}")
-  if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-    raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-  if temperature > 0:
-    if rng is None:
-      raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
-    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.ndim > 1 or (
-        rng.ndim == 1 and rng.shape[0] != np.shape(prompt_ids)[0]):
-      raise ValueError(f"rng must be a typed key (jax.random.key) or [B={np.shape(prompt_ids)[0]}] of them "
-                       f"(generate.row_keys); got {rng.dtype} {rng.shape}")
-  greedy = temperature == 0
-  sampling = (jnp.int32(eos_id), jnp.int32(pad_id), jnp.float32(temperature if not greedy else 1.0),
-              jnp.int32(top_k), jnp.float32(top_p))
-  return _generate(graphdef, state, _dev(prompt_ids, jnp.int32), _dev(prompt_mask, jnp.bool_),
-                   _dev(images), _dev(image_mask, jnp.bool_), None if greedy else rng, sampling,
-                   max_new_tokens=int(max_new_tokens), greedy=greedy)
-
-
-def _addressable(x) -> bool:
-  return x is None or not isinstance(x, jax.Array) or x.is_fully_addressable
-
-
-def _dev(x, dtype=None):
-  """To a device array; jax.Arrays keep their placement/sharding (cast only when the dtype differs)."""
-  if x is None:
-    return None
-  if isinstance(x, jax.Array):
-    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
-  return jnp.asarray(x, dtype)
-
-
-def trim(ids: np.ndarray, eos_id: int = 2) -> list[list[int]]:
-  """Per row: the generated ids up to and including the first eos."""
-  out = []
-  for row in np.asarray(ids).tolist():
-    out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-  return out
-
-
-# -- CLI -----------------------------------------------------------------------------------------------
 def _define_flags():
-  from absl import flags
   flags.DEFINE_string("checkpoint", None, "checkpoint directory (records its model config and tokenizer)")
   flags.DEFINE_string("prompt", None, "a text prompt; images go at its start unless it holds --image_marker")
   flags.DEFINE_multi_string("image", [], "an image for --prompt (or --token_ids), repeatable: NIfTI, DICOM "
@@ -231,8 +52,6 @@ def _define_flags():
 def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
   """(prompt_ids [1, P], prompt_mask, images [1, S, H, W, D, C] or None, image_mask or None) of
   --token_ids (+ --image: slot k is the k-th image, preprocessed as in evaluation)."""
-  from radfm_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from radfm_jax import generate_inputs  # pylint: disable=g-import-not-at-top
   try:
     ids = [int(t) for t in flags_.token_ids.split(",") if t.strip()]
   except ValueError as e:
@@ -245,25 +64,9 @@ def build_inputs(cfg, flags_) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
   return prompt, np.ones_like(prompt, bool), images[None], np.ones((1, len(images)), bool)
 
 
-def _cli_mesh(cfg, spec: str):
-  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
-  if spec:
-    try:
-      sizes = [int(x) for x in spec.split(",")]
-    except ValueError as e:
-      raise ValueError(f"--mesh={spec!r} must be three integers data,fsdp,tensor") from e
-    if len(sizes) != 3:
-      raise ValueError(f"--mesh={spec!r} must be three integers data,fsdp,tensor")
-    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
-  return sharding.make_mesh(cfg.get("mesh") or dict(data=1, fsdp=-1, tensor=1))
-
-
 def main(argv) -> int:
   """Prints one JSON line per input; returns (exits with) the number of failed inputs, at most 125."""
   del argv
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from radfm_jax import checkpoint, generate_inputs  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if not f.checkpoint:
     raise ValueError("--checkpoint is required")
@@ -274,7 +77,8 @@ def main(argv) -> int:
     raise ValueError("--image goes with --prompt or --token_ids; a batch file names each line's images")
   if f.prompt is not None and not f.prompt.strip():
     raise ValueError("--prompt is empty")
-  mesh = _cli_mesh(checkpoint.load_config(f.checkpoint), f.mesh)
+  distributed.initialize()
+  mesh = sharding.inference_mesh(checkpoint.load_config(f.checkpoint).get("mesh"), f.mesh)
   model, cfg = checkpoint.load_model(f.checkpoint, mesh, dtype=f.param_dtype or None)
   sampling = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
   if f.token_ids is not None:
@@ -305,7 +109,12 @@ def main(argv) -> int:
   return min(failures, 125)
 
 
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
+def run() -> None:
+  """Console entry point (`radfm-generate`): defines the flags, parses them, runs `main`."""
   _define_flags()
+  distributed.define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -128,13 +128,11 @@ def abstract_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) ->
   return nnx.merge(graphdef, state)
 
 
-def create_sharded(cfg_model, mesh: Mesh, seed: int = 0, rules=RULES, model_cls: Callable | None = None,
+def create_sharded(model_cls: Callable, cfg_model, mesh: Mesh, seed: int = 0, rules=RULES,
                    ) -> tuple[nnx.GraphDef, nnx.State]:
-  """Builds the model (RadFM unless `model_cls`, e.g. Llama) with every parameter created directly in
-  its sharded layout (never whole on one device): eval_shape for the abstract state, then
-  jit(init, out_shardings=...)."""
-  if model_cls is None:
-    from radfm_jax.models.radfm import RadFM as model_cls  # local: no model import at module load
+  """Builds `model_cls(cfg_model, rngs=...)` (a class from `radfm_jax.models`) with every parameter
+  created directly in its sharded layout (never whole on one device): eval_shape for the abstract
+  state, then jit(init, out_shardings=...)."""
 
   def make():
     return model_cls(cfg_model, rngs=nnx.Rngs(seed))
@@ -166,3 +164,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """device_put a host batch (pytree of arrays with a leading batch dim) with `batch_sharding`."""
   return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.ndim(x))), batch)
+
+
+def inference_mesh(cfg_mesh: Mapping[str, int] | None = None, spec: str = "") -> Mesh:
+  """The mesh inference (generate, eval, demo) runs on: `spec` ("data,fsdp,tensor", e.g. a --mesh
+  flag) when given, else the checkpoint config's `mesh`, else fsdp over all devices."""
+  if spec:
+    try:
+      sizes = [int(x) for x in spec.split(",")]
+    except ValueError as e:
+      raise ValueError(f"mesh {spec!r} must be three integers data,fsdp,tensor") from e
+    if len(sizes) != 3:
+      raise ValueError(f"mesh {spec!r} must be three integers data,fsdp,tensor")
+    return make_mesh(dict(zip(MESH_AXES, sizes)))
+  return make_mesh(cfg_mesh or dict(data=1, fsdp=-1, tensor=1))

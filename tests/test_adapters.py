@@ -1,4 +1,4 @@
-"""RadFM dataset adapters (`radfm_jax.data.adapters`) and prompt pools (`radfm_jax.data.prompts`).
+"""RadFM dataset adapters (`radfm_jax.data.ingest.adapters`) and prompt pools (`radfm_jax.data.ingest.prompts`).
 
 Fixtures: hand-written released-format files in tests/fixtures/radfm/ (each with malformed rows), plus
 larger files generated into tmp_path for the statistical checks (yes/no labels, history rate, windows).
@@ -14,8 +14,9 @@ import random
 import numpy as np
 import pytest
 
-from radfm_jax.data import adapters, prompts, schema
-from radfm_jax.data.adapters import common, pmc
+from radfm_jax.data import schema
+from radfm_jax.data.ingest import adapters, prompts
+from radfm_jax.data.ingest.adapters import common, pmc
 
 FX = pathlib.Path(__file__).parent / "fixtures" / "radfm"
 POOLS = prompts.POOLS
@@ -528,7 +529,7 @@ def test_build_cli_radfm_vqa(tmp_path):
 
 def test_build_radfm_rp3d_case(case_root, tmp_path):
   """An RP3D case .npy (N x 3 x H x W x D) through ingest_samples: one volume per scan index."""
-  from radfm_jax.data import build  # noqa: PLC0415
+  from radfm_jax.data.ingest import build  # noqa: PLC0415
   from radfm_jax.data.store import Store  # noqa: PLC0415
   scans = np.random.default_rng(0).random((3, 1, 8, 8, 4), dtype=np.float32).repeat(3, axis=1)
   np.save(case_root / "cases" / "case1.npy", scans)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from radfm_jax.data import build, files
+from radfm_jax.data.ingest import build, files
 from radfm_jax.data.readers import read_scan
 from radfm_jax.data.store import Store
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from radfm_jax import checkpoint_manager
+from radfm_jax.training import checkpoints as checkpoint_manager
 
 
 def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from configs import tiny
 from convert_fixtures import UNUSED_KEYS, documented_shapes, inv_freq_keys, make_state_dict, reference_image_tokens
-from radfm_jax import checkpoint, convert, generate, sharding
+from radfm_jax import checkpoint, convert, sharding
+from radfm_jax.inference import decoding as generate
 from radfm_jax.convert.sources import DictSource, open_source
 from radfm_jax.models.llama import Llama
 

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from radfm_jax.data import demo, phantoms
+from radfm_jax.data import demo
+from radfm_jax.data.demo import phantoms
 from radfm_jax.data.store import Store
 
 N = 54   # 44 train / 5 val / 5 test phantoms, two samples each

@@ -11,8 +11,9 @@ from flax import nnx
 
 from configs import demo, radfm_13b, radfm_1b, tiny
 from radfm_jax import sharding
-from radfm_jax import train
-from radfm_jax import train_state
+from radfm_jax.training import loop as train_loop
+from radfm_jax.training import step as train
+from radfm_jax.training import state as train_state
 from radfm_jax.models import vit3d
 from train_utils import synthetic_batch, tiny_train_config
 

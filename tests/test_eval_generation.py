@@ -7,8 +7,10 @@ from absl.testing import flagsaver
 
 import generation_fixtures
 from eval import generation, radbench
-from radfm_jax import batch_generate, checkpoint, sharding
-from radfm_jax.data import demo
+from radfm_jax import checkpoint, sharding
+from radfm_jax.inference import batching as batch_generate
+from radfm_jax.data import demo, preprocess
+from radfm_jax.inference import split as split_lib
 from radfm_jax.data import tokenizer as tokenizer_lib
 from radfm_jax.data.store import Store
 
@@ -69,7 +71,7 @@ def test_bad_records_are_recorded_not_fatal(setup):
   st = Store.open(store)
   recs = st.records(split="test")[:2]
   bad = [dict(recs[0], id="too-long", question="word " * 400), dict(recs[1], id="bad-task", task="surgery")]
-  prepared, errors = generation.prepare(bad + recs, st, tok, generation.preprocess.ImageSpec(),
+  prepared, errors = split_lib.prepare(bad + recs, st, tok, preprocess.ImageSpec(),
                                         max_prompt=100, text_only=False)
   assert [p.record["id"] for p in prepared] == [r["id"] for r in recs]
   assert [e.row for e in errors] == ["too-long", "bad-task"]

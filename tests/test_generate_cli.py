@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 import generation_fixtures
-from radfm_jax import checkpoint, generate, generate_inputs, sharding
+from radfm_jax import checkpoint, sharding
+from radfm_jax.inference import decoding as generate
+from radfm_jax.inference import inputs as generate_inputs
 from radfm_jax.data import preprocess, readers
 from radfm_jax.data import tokenizer as tokenizer_lib
 

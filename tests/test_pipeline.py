@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import common_data, mixes
-from radfm_jax.data import adapters, collate, pipeline, preprocess, schema
+from radfm_jax.data import collate, pipeline, preprocess, schema
+from radfm_jax.data.ingest import adapters
 from radfm_jax.data import tokenizer as tok_lib
 from radfm_jax.data.store import Store, StoreWriter
 

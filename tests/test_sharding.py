@@ -6,7 +6,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from radfm_jax import sharding
+from radfm_jax import models, sharding
 from radfm_jax.models.radfm import RadFM, image_token_id
 
 CFG = tiny.model_config()
@@ -101,7 +101,7 @@ def test_golden_partition_specs(mesh):
 
 
 def test_sharded_init_and_forward_match_single_device(mesh):
-  graphdef, state = sharding.create_sharded(CFG, mesh, seed=0)
+  graphdef, state = sharding.create_sharded(models.get("radfm"), CFG, mesh, seed=0)
   emb = state["lm"]["embed_tokens"][...]
   assert emb.sharding.spec == P("tensor", "fsdp")
   assert {s.data.shape for s in emb.addressable_shards} == {(CFG.vocab_size // 2, CFG.lm.hidden // 2)}

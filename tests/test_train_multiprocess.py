@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from radfm_jax import metrics
+from radfm_jax.training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LINE = re.compile(r"step (\d+) loss ([0-9.eE+-]+|nan|inf)")

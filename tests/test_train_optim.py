@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from radfm_jax import distributed
-from radfm_jax import optim
+from radfm_jax.training import optim
 from radfm_jax import sharding
-from radfm_jax import train
-from radfm_jax import train_state
+from radfm_jax.training import loop as train_loop
+from radfm_jax.training import step as train
+from radfm_jax.training import state as train_state
 from train_utils import synthetic_batch, tiny_train_config
 
 

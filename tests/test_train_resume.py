@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from radfm_jax import metrics
+from radfm_jax.training import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40

@@ -8,11 +8,13 @@ import pytest
 
 from configs import tiny
 from radfm_jax import checkpoint
-from radfm_jax import checkpoint_manager
-from radfm_jax import metrics
+from radfm_jax.training import checkpoints as checkpoint_manager
+from radfm_jax.training import export as export_lib
+from radfm_jax.training import metrics
 from radfm_jax import sharding
-from radfm_jax import train
-from radfm_jax import train_state
+from radfm_jax.training import loop as train_loop
+from radfm_jax.training import step as train
+from radfm_jax.training import state as train_state
 
 
 def _cfg(**overrides):
@@ -29,7 +31,7 @@ def two_runs(tmp_path_factory):
   out = []
   for name in ("a", "b"):
     workdir = tmp_path_factory.mktemp(f"run_{name}")
-    summary = train.train_and_evaluate(_cfg(), str(workdir))
+    summary = train_loop.train_and_evaluate(_cfg(), str(workdir))
     out.append((workdir, summary))
   return out
 
@@ -73,7 +75,7 @@ def test_restore_on_another_mesh_gives_identical_params(two_runs):
 
 def test_export_writes_a_loadable_params_checkpoint(two_runs, tmp_path):
   (workdir, summary), _ = two_runs
-  dst = checkpoint_manager.export(str(workdir), str(tmp_path / "export"))
+  dst = export_lib.export(str(workdir), str(tmp_path / "export"))
   model, cfg = checkpoint.load_model(dst)
   assert cfg.model.vocab_size == tiny.get_config().model.vocab_size
   from flax import nnx
@@ -86,7 +88,7 @@ def test_export_writes_a_loadable_params_checkpoint(two_runs, tmp_path):
 def test_init_from_a_params_checkpoint(two_runs, tmp_path):
   """Stage-2 style start: `init_from` an exported params checkpoint (here with the LM frozen)."""
   (workdir, summary), _ = two_runs
-  dst = checkpoint_manager.export(str(workdir), str(tmp_path / "export"))
+  dst = export_lib.export(str(workdir), str(tmp_path / "export"))
   cfg = _cfg(init_from=dst)
   cfg.optim.freeze = (r"^lm/",)
   layout = train_state.make_layout(cfg, sharding.make_mesh(cfg.mesh))
@@ -113,7 +115,7 @@ def test_nonfinite_streak_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
   cfg = _cfg(total_steps=10, checkpoint_every=4, nonfinite_limit=3)
   cfg.data.eval_split = ""
   with pytest.raises(train.NonFiniteError, match=r"3 consecutive steps .* last good checkpoint is step 4"):
-    train.train_and_evaluate(cfg, str(tmp_path))
+    train_loop.train_and_evaluate(cfg, str(tmp_path))
   ckpts = checkpoint_manager.Checkpoints(str(tmp_path))
   assert ckpts.all_steps() == [4]
   layout = train_state.make_layout(cfg, sharding.make_mesh(cfg.mesh))

@@ -2,7 +2,7 @@ r"""Training throughput on this machine: step time, tokens/s, images/s, MFU and 
 
   python -m radfm_jax.bench.train [--config=configs/demo.py] [--steps=60] [--workers=0,1]
 
-Runs the real trainer (`radfm_jax.train.train_and_evaluate`: Grain pipeline, jitted sharded step,
+Runs the real trainer (`radfm_jax.training.loop.train_and_evaluate`: Grain pipeline, jitted sharded step,
 metrics) for --steps steps in a temporary workdir once per Grain worker count, and prints a markdown table
 of the steady-state figures (the first step, which compiles, is reported separately). MFU is against the
 peak in the log line: a matmul probe of the compute dtype on CPU, the chip table on TPU/GPU.
@@ -18,8 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from radfm_jax import metrics
-from radfm_jax import train
+from radfm_jax.training import loop, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training config to measure.")
 _STEPS = flags.DEFINE_integer("steps", 60, "Steps per measurement (the first compiles).")
@@ -41,7 +40,7 @@ def measure(cfg, steps: int, workers: int) -> dict[str, float]:
     cfg.data.eval_split = ""
     cfg.data.workers = workers
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(cfg, workdir)
+    loop.train_and_evaluate(cfg, workdir)
     records = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
   steady = [r for r in records if "step_time" in r][1:] or [r for r in records if "step_time" in r]
   out = {k: statistics.median(r[k] for r in steady) for k, _, _ in COLUMNS}

@@ -4,6 +4,9 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from radfm_jax import convert
+from radfm_jax.convert import common, hf_llama, radfm_torch, sources
+
 FORMATS = ("hf-llama", "radfm-torch")
 flags.DEFINE_enum("from", None, FORMATS, "import this format into our checkpoint at --dst")
 flags.DEFINE_enum("to", None, FORMATS, "export our checkpoint at --src to this format")
@@ -21,7 +24,6 @@ FLAGS = flags.FLAGS
 
 
 def _dry_run(src_fmt: str, cfg) -> list[str]:
-  from radfm_jax.convert import common, hf_llama, radfm_torch, sources  # pylint: disable=g-import-not-at-top
   src = sources.open_source(FLAGS.src)
   if src_fmt == "hf-llama":
     cfg = hf_llama.hf_llama_config(FLAGS.src, cfg)
@@ -33,7 +35,6 @@ def _dry_run(src_fmt: str, cfg) -> list[str]:
 
 def main(argv):
   del argv
-  from radfm_jax import convert  # pylint: disable=g-import-not-at-top
   src_fmt, dst_fmt = FLAGS["from"].value, FLAGS.to
   if (src_fmt is None) == (dst_fmt is None):
     raise app.UsageError("give exactly one of --from or --to")
@@ -60,8 +61,7 @@ def main(argv):
     print(f"wrote {FLAGS.dst}: config.json, {', '.join(files)}")
     return
   else:
-    from radfm_jax.convert.common import write_torch  # pylint: disable=g-import-not-at-top
-    n = write_torch(convert.export_radfm_torch(FLAGS.src, dtype=FLAGS.dtype), FLAGS.dst)
+    n = common.write_torch(convert.export_radfm_torch(FLAGS.src, dtype=FLAGS.dtype), FLAGS.dst)
     print(f"wrote {FLAGS.dst}: {n} tensors (RadFM torch layout)")
     return
   logging.info("dropped keys: %s", report.dropped)

@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from radfm_jax import checkpoint
+from radfm_jax import checkpoint, sharding
 from radfm_jax.convert.mapping import Layout, Report, check_source, export_params, import_params
 from radfm_jax.convert.sources import Source, numpy_to_torch
 
@@ -26,9 +26,8 @@ def abstract_params(cfg: ml_collections.ConfigDict, model_class: str, mesh: jax.
 
 
 def default_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """cfg.mesh when the config has one, else fsdp over all devices."""
-  from radfm_jax import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.make_mesh(cfg.get("mesh") or dict(data=1, fsdp=-1, tensor=1))
+  """cfg.mesh when the config has one, else fsdp over all devices (`sharding.inference_mesh`)."""
+  return sharding.inference_mesh(cfg.get("mesh"))
 
 
 def torch_to_checkpoint(source: Source, layout: Layout, cfg: ml_collections.ConfigDict, model_class: str,

@@ -21,7 +21,10 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from radfm_jax import checkpoint
+from radfm_jax.convert import common
 from radfm_jax.convert.mapping import Layout, Report, Rule
+from radfm_jax.convert.sources import open_source
 
 
 def lm_rules(theirs: str = "", ours: str = "") -> list[Rule]:
@@ -173,8 +176,6 @@ def import_hf_llama(src_dir: str, dst: str, *, base_cfg: ml_collections.ConfigDi
   its mesh section, if any, places the params. The directory's `tokenizer.model`, if any, becomes
   cfg.data.tokenizer (copied into the checkpoint), replacing base_cfg's. Returns the key report.
   """
-  from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
-  from radfm_jax.convert.sources import open_source  # pylint: disable=g-import-not-at-top
   hf = read_hf_config(src_dir)
   cfg = hf_llama_config(src_dir, base_cfg)
   mesh = mesh if mesh is not None else common.default_mesh(cfg)
@@ -188,8 +189,6 @@ def export_hf_llama(ckpt_dir: str, dst_dir: str, *, dtype: Any = None,
   """Our checkpoint's LM (a "llama" checkpoint, or the `lm/` of a RadFM one) -> a Hugging Face LLaMA
   directory (config.json + safetensors, + tokenizer.model when the checkpoint has one) loadable by
   `LlamaForCausalLM.from_pretrained`. Returns the written weight (and tokenizer) file names."""
-  from radfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   meta = checkpoint.read_meta(ckpt_dir)
   cfg = checkpoint.load_config(ckpt_dir)
   prefix = "lm/" if meta["model_class"] == "radfm" else ""

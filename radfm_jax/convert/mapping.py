@@ -23,6 +23,7 @@ import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from radfm_jax.convert.sources import Source
@@ -272,7 +273,6 @@ def import_params(source: Source, layout: Layout, abstract: Mapping[Path, Any],
 def to_host(x: Any) -> np.ndarray:
   """A (possibly sharded, possibly multi-process) array gathered to a host numpy array."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
+from radfm_jax import checkpoint
+from radfm_jax.convert import common
 from radfm_jax.convert.hf_llama import lm_dropped, lm_rules
 from radfm_jax.convert.mapping import Layout, Report, Rule
 from radfm_jax.convert.sources import Source, open_source
@@ -97,7 +99,6 @@ def import_radfm_torch(src: str | Source, cfg: ml_collections.ConfigDict, dst: s
   `src` is a path or an open `Source`. `cfg` is a full config whose model section matches the file (e.g. configs/radfm_13b.py); params go
   onto `mesh` (default: cfg.mesh) one tensor at a time, cast to `dtype` if given.
   """
-  from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else common.default_mesh(cfg)
   return common.torch_to_checkpoint(
       src if isinstance(src, Source) else open_source(src), radfm_layout(), cfg, "radfm", dst, mesh=mesh,
@@ -108,8 +109,6 @@ def import_radfm_torch(src: str | Source, cfg: ml_collections.ConfigDict, dst: s
 def export_radfm_torch(ckpt_dir: str, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
   """A "radfm" checkpoint as RadFM torch-layout (key, tensor) pairs, one parameter read at a time
   (the unused upstream modules are not produced)."""
-  from radfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from radfm_jax.convert import common  # pylint: disable=g-import-not-at-top
   kind = checkpoint.read_meta(ckpt_dir)["model_class"]
   if kind != "radfm":
     raise ValueError(f"{ckpt_dir} holds a {kind!r} model; RadFM torch layout needs a 'radfm' checkpoint")

@@ -1,277 +1,33 @@
-"""Ingest: raw files -> store (volumes + manifest). One path for every source: `ingest_samples`.
+"""Builds a store from raw files: the ingest CLI (library: `radfm_jax.data.ingest`).
 
-  # every readable scan under a folder (+ optional text; see files.py for the JSONL format)
+  # every readable scan under a folder (+ optional text; see data/ingest/files.py for the JSONL format)
   python -m radfm_jax.data.build --from=files --src=DIR --out=STORE [--text=FILE.jsonl] [--workers=N]
-  # RadFM's released CSV/JSON text files, through radfm_jax.data.adapters
+  # RadFM's released CSV/JSON text files, through radfm_jax.data.ingest.adapters
   python -m radfm_jax.data.build --from=radfm --dataset=vqa_rad --src=test.csv --image_root=DIR --out=STORE
 
-`ingest_samples(samples, *, src_root, out, ...)` takes `schema.Sample`s (image paths relative to
-src_root) and `schema.RowError`s, reads each referenced scan with `readers.read_scan` on a thread or
-process pool, writes it under a content-addressed key (a hash of the source bytes and the scan index:
-a re-run, or the same scan named twice, costs one hash and no decode) and adds one manifest record per
-sample whose images were all stored. Anything that goes wrong (an unreadable row, a missing,
-corrupt, empty, NaN or inconsistent scan, an invalid sample) becomes a failure in the report
-(`{"path", "sample", "row", "reason"}`, paths relative to the source root) and the build goes on.
-The process exit status is the number of failures, capped at 100 (0: all good).
-
-Memory stays bounded: at most 2 x workers scans are in flight, a DICOM series is read one file at a
-time, and only the (small) records are kept until the manifest is written.
-
-PHI: scan metadata passes the readers' allowlist only. Source paths are recorded as given; if file or
-folder names carry identifiers (e.g. DICOM folders named by patient ID), `--redact_paths` records a
-hash of each relative path instead, in records, ids and the report.
+The exit status is the number of failures, capped at 100 (0: all good); see `ingest.build` for what a
+build does and records.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import dataclasses
-import hashlib
 import json
-import multiprocessing
 import os
 import sys
-import time
-from collections.abc import Iterable
 from typing import Any
 
 from absl import app, flags
-from tqdm import tqdm
 
-from radfm_jax.data import readers, schema
-from radfm_jax.data.store import StoreWriter
-
-READER_VERSION = 1      # part of every key: bump when readers change what a file turns into
-MAX_EXIT_STATUS = 100
-
-
-@dataclasses.dataclass(frozen=True)
-class ScanJob:
-  """One scan to store: a path relative to the source root (file or DICOM folder) or the files of a
-  DICOM series, and the scan index within a multi-scan file."""
-  path: str | tuple[str, ...]
-  index: int | None = None
-
-  @classmethod
-  def of(cls, image: schema.ImageRef) -> ScanJob:
-    paths = image.path if isinstance(image.path, (list, tuple)) else [image.path]
-    clean = []
-    for p in paths:
-      if not isinstance(p, str) or not p:
-        raise ValueError(f"image path {p!r}: expected a non-empty relative path")
-      norm = os.path.normpath(p)
-      if os.path.isabs(norm) or norm == ".." or norm.startswith("../"):
-        raise ValueError(f"image path {p!r} is outside the source root (paths must be relative)")
-      clean.append(norm)
-    path = tuple(clean) if isinstance(image.path, (list, tuple)) else clean[0]
-    return cls(path, image.index)
-
-  def label(self, redact: bool) -> str | list[str]:
-    if isinstance(self.path, tuple):
-      return [redact_path(p) if redact else p for p in self.path]
-    return redact_path(self.path) if redact else self.path
-
-
-def redact_path(path: str) -> str:
-  return "path:" + hashlib.blake2b(path.encode(), digest_size=8).hexdigest()
-
-
-@dataclasses.dataclass
-class _Result:
-  key: str | None = None
-  hash: str = ""
-  written: bool = False
-  reason: str | None = None
-
-
-def _file_digest(path: str) -> bytes:
-  h = hashlib.blake2b(digest_size=32)
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.digest()
-
-
-def _source_files(abs_paths: list[str]) -> list[str]:
-  files = []
-  for p in abs_paths:
-    if os.path.isdir(p):
-      files += [os.path.join(p, n) for n in sorted(os.listdir(p)) if os.path.isfile(os.path.join(p, n))]
-    else:
-      files.append(p)
-  return files
-
-
-def content_hash(abs_paths: list[str], index: int | None) -> str:
-  """Hash of the source bytes (order and names ignored), the scan index and READER_VERSION."""
-  h = hashlib.blake2b(digest_size=32)
-  h.update(f"radfm_jax.readers.v{READER_VERSION}|index={index}|".encode())
-  for digest in sorted(_file_digest(f) for f in _source_files(abs_paths)):
-    h.update(digest)
-  return h.hexdigest()
-
-
-def _run_job(job: ScanJob, src_root: str, writer: StoreWriter) -> _Result:
-  rel = list(job.path) if isinstance(job.path, tuple) else [job.path]
-  abs_paths = [os.path.join(src_root, p) for p in rel]
-  missing = [p for p, a in zip(rel, abs_paths) if not os.path.exists(a)]
-  if missing:
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    return _Result(reason=f"missing image: {missing[0]}{more} does not exist under the source root")
-  try:
-    digest = content_hash(abs_paths, job.index)
-    key = digest[:32]
-    if writer.has_volume(key):
-      return _Result(key, digest)
-    target = abs_paths if isinstance(job.path, tuple) else abs_paths[0]
-    vol = readers.read_scan(target, job.index)
-    writer.write_volume(key, vol.array, vol.meta)
-    return _Result(key, digest, written=True)
-  except readers.ReadError as e:
-    return _Result(reason=str(e))
-  except Exception as e:  # noqa: BLE001 - a batch job records the failure and goes on
-    return _Result(reason=f"{type(e).__name__}: {e}")
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(out: Any, chunks: tuple[int, ...] | None, codec: str | None) -> None:
-  _WORKER["writer"] = StoreWriter(out, chunks=chunks, codec=codec)
-
-
-def _run_job_in_worker(job: ScanJob, src_root: str) -> _Result:
-  return _run_job(job, src_root, _WORKER["writer"])
-
-
-class _Inline(cf.Executor):
-  """workers=0: run each job at submit time, in this thread (debugging, tiny inputs)."""
-
-  def submit(self, fn, /, *args, **kwargs):
-    future: cf.Future = cf.Future()
-    future.set_result(fn(*args, **kwargs))
-    return future
-
-
-def _sanitize(reason: str, src_root: str, job: ScanJob, redact: bool) -> str:
-  reason = reason.replace(src_root.rstrip(os.sep) + os.sep, "")
-  if redact:
-    for p in (job.path if isinstance(job.path, tuple) else (job.path,)):
-      reason = reason.replace(p, redact_path(p))
-  return reason
-
-
-def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_root: str, out: Any,
-                   workers: int = 0, pool: str = "thread", chunks: tuple[int, ...] | None = None,
-                   codec: str | None = None, progress: bool = True, total: int | None = None,
-                   redact_paths: bool = False, skipped: Iterable[dict[str, str]] = ()) -> dict[str, Any]:
-  """Stores every sample's scans and writes the manifest; returns the build report (also stored).
-
-  workers: 0 runs in this thread; N > 0 uses a pool of N threads (pool="thread": readers release the
-  GIL in decoding, hashing and TensorStore) or N spawned processes (pool="process").
-  skipped: files a discovery step passed over (not failures), copied into the report."""
-  start = time.time()
-  src_root = os.path.abspath(src_root)
-  writer = StoreWriter(out, chunks=chunks, codec=codec)
-  if workers <= 0:
-    executor: cf.Executor = _Inline()
-    submit = lambda job: executor.submit(_run_job, job, src_root, writer)  # noqa: E731
-  elif pool == "thread":
-    executor = cf.ThreadPoolExecutor(workers)
-    submit = lambda job: executor.submit(_run_job, job, src_root, writer)  # noqa: E731
-  elif pool == "process":
-    executor = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(out, writer.chunks, writer.codec))
-    submit = lambda job: executor.submit(_run_job_in_worker, job, src_root)  # noqa: E731
-  else:
-    raise ValueError(f"pool {pool!r}: expected 'thread' or 'process'")
-  max_inflight = 2 * max(workers, 1)
-
-  futures: dict[ScanJob, cf.Future] = {}
-  inflight: set[cf.Future] = set()
-  pending: list[tuple[int, schema.Sample, list[ScanJob]]] = []
-  failures: list[tuple[int, dict[str, Any]]] = []   # (input position, failure): reported in input order
-  ids: set[str] = set()
-  n_records = n_input = 0
-  bar = tqdm(total=total, disable=not progress, unit="sample", desc="ingest", file=sys.stderr)
-
-  def fail(position: int, path: Any, reason: str, sample: str | None = None, row: Any = None) -> None:
-    failures.append((position, {"path": path, "sample": sample, "row": row, "reason": reason}))
-
-  def settle(block: bool) -> None:
-    nonlocal n_records
-    while pending:
-      position, sample, jobs = pending[0]
-      if not block and not all(futures[j].done() for j in jobs):
-        return
-      pending.pop(0)
-      results = [futures[j].result() for j in jobs]
-      bad = [(j, r) for j, r in zip(jobs, results) if r.reason is not None]
-      if bad:
-        job, res = bad[0]
-        fail(position, job.label(redact_paths), _sanitize(res.reason, src_root, job, redact_paths), sample.id)
-      else:
-        provenance = {"images": [{"path": j.label(redact_paths), "index": j.index, "hash": r.hash}
-                                 for j, r in zip(jobs, results)]}
-        writer.add_record(sample.to_record([r.key for r in results], provenance))
-        n_records += 1
-      bar.update(1)
-
-  try:
-    for item in samples:
-      n_input += 1
-      if isinstance(item, schema.RowError):
-        fail(n_input, item.source, item.reason, row=item.row)
-        bar.update(1)
-        continue
-      try:
-        item.validate()
-        if item.id in ids:
-          raise ValueError(f"sample {item.id!r}: duplicate id")
-        jobs = [ScanJob.of(im) for im in item.images]
-      except ValueError as e:
-        fail(n_input, item.source or None, str(e), getattr(item, "id", None))
-        bar.update(1)
-        continue
-      ids.add(item.id)
-      for job in jobs:
-        if job not in futures:
-          futures[job] = submit(job)
-          inflight.add(futures[job])
-      pending.append((n_input, item, jobs))
-      inflight = {f for f in inflight if not f.done()}
-      while len(inflight) >= max_inflight:
-        _, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-      settle(block=False)
-    settle(block=True)
-  finally:
-    executor.shutdown(wait=True, cancel_futures=True)
-    bar.close()
-
-  results = [f.result() for f in futures.values()]
-  report = {
-      "n_input": n_input, "n_records": n_records, "n_failed": len(failures),
-      "volumes": {"written": sum(r.written for r in results),
-                  "reused": sum(r.key is not None and not r.written for r in results),
-                  "failed": sum(r.reason is not None for r in results)},
-      "failures": [f for _, f in sorted(failures, key=lambda pf: pf[0])], "skipped": list(skipped),
-      "seconds": round(time.time() - start, 2), "reader_version": READER_VERSION,
-  }
-  writer.finish(report)
-  return report
-
-
-# ----------------------------------------------------------------------------------------------- CLI
+from radfm_jax.data.ingest import adapters, build, files
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """CLI flags, defined only when this module runs as a program (so importing it defines none)."""
   flags.DEFINE_enum("from", "files", ["files", "radfm"], "source kind")
   flags.DEFINE_string("src", None, "files: the image folder; radfm: the released CSV/JSON file")
   flags.DEFINE_string("out", None, "store root: a local path or a kvstore URL (gs://bucket/path/)")
   flags.DEFINE_string("text", None, "files: JSONL of samples (see files.py); none: image-only records")
-  flags.DEFINE_string("dataset", None, "radfm: adapter name (radfm_jax.data.adapters.names())")
+  flags.DEFINE_string("dataset", None, "radfm: adapter name (radfm_jax.data.ingest.adapters.names())")
   flags.DEFINE_string("image_root", None, "radfm: folder the released image paths are under")
   flags.DEFINE_string("split", "train", "radfm: split of the released file (train|val|test)")
   flags.DEFINE_integer("seed", 0, "radfm: prompt-pool seed")
@@ -288,7 +44,6 @@ def define_flags() -> None:
 
 def build_from_flags() -> dict[str, Any]:
   """Runs the build the flags describe; returns the report."""
-  from radfm_jax.data import files  # noqa: PLC0415 - files imports this module
   f = FLAGS
   if not f.src or not f.out:
     raise app.UsageError("--src and --out are required")
@@ -297,10 +52,9 @@ def build_from_flags() -> dict[str, Any]:
                 codec=f.codec, progress=f.progress, redact_paths=f.redact_paths)
   if f["from"].value == "files":
     samples, skipped, total = files.samples_from_folder(f.src, text=f.text, redact=f.redact_paths)
-    return ingest_samples(samples, src_root=f.src, skipped=skipped, total=total, **common)
+    return build.ingest_samples(samples, src_root=f.src, skipped=skipped, total=total, **common)
   if not f.dataset or not f.image_root:
     raise app.UsageError("--from=radfm needs --dataset and --image_root")
-  from radfm_jax.data import adapters  # noqa: PLC0415
   opts: dict[str, Any] = {"split": f.split, "seed": f.seed}
   if f.strip_prefix:
     opts["strip_prefix"] = f.strip_prefix
@@ -313,31 +67,22 @@ def build_from_flags() -> dict[str, Any]:
       raise app.UsageError(f"--adapter_opts must be a JSON object, got {type(extra).__name__}")
     opts.update(extra)
   samples = adapters.get(f.dataset)(f.src, f.image_root, **opts)
-  return ingest_samples(samples, src_root=f.image_root, **common)
-
-
-def summary(report: dict[str, Any], out: Any) -> str:
-  v = report["volumes"]
-  lines = [f"{report['n_records']} records, {v['written']} volumes written, {v['reused']} reused, "
-           f"{report['n_failed']} failures, {len(report['skipped'])} files skipped, {report['seconds']} s"]
-  for f in report["failures"][:20]:
-    lines.append(f"  FAILED {f['path']}{'' if f['sample'] is None else ' [' + str(f['sample']) + ']'}: "
-                 f"{f['reason']}")
-  if report["n_failed"] > 20:
-    lines.append(f"  ... {report['n_failed'] - 20} more in {out}/report.json")
-  return "\n".join(lines)
+  return build.ingest_samples(samples, src_root=f.image_root, **common)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   report = build_from_flags()
-  print(summary(report, FLAGS.out))
-  sys.exit(min(report["n_failed"], MAX_EXIT_STATUS))
+  print(build.summary(report, FLAGS.out))
+  sys.exit(min(report["n_failed"], build.MAX_EXIT_STATUS))
+
+
+def run() -> None:
+  """Console entry point: defines the flags, parses them, runs `main`."""
+  define_flags()
+  app.run(main)
 
 
 if __name__ == "__main__":
-  # Run the importable module's functions (not __main__'s copies) so process workers can unpickle them.
-  from radfm_jax.data import build as _build  # noqa: PLC0415
-  _build.define_flags()
-  app.run(_build.main)
+  run()

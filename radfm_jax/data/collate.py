@@ -19,6 +19,7 @@ from absl import logging
 import numpy as np
 
 from radfm_jax.data import preprocess
+from radfm_jax.data import store as store_lib
 from radfm_jax.data import tokenizer as tokenizer_lib
 
 DEVICE_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "images", "image_mask")
@@ -45,7 +46,6 @@ class SourceRef:
 
 def open_records(src: SourceRef) -> tuple[Any, list[dict[str, Any]]]:
   """Opens a store and lists its records for a source (the same order in every process)."""
-  from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
   store = store_lib.Store.open(src.root)
   records = [r for r in store.records(split=src.split) if src.tasks is None or r["task"] in src.tasks]
   return store, records

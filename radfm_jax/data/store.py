@@ -19,7 +19,7 @@ Keys are content addresses (a hash of the source bytes, see build.py), so a re-r
 stored and identical scans are stored once. A build rewrites the manifest files; volumes that are no
 longer referenced stay under volumes/ (harmless, content-addressed).
 
-Chunks and codec, measured with `python -m radfm_jax.data.store_bench --n=6` (six 256x256x64 int16
+Chunks and codec, measured with `python -m radfm_jax.bench.store --n=6` (six 256x256x64 int16
 CT-like volumes, 48 MiB raw, on the shared 2-core dev machine; two runs, MB/s of raw data, noisy):
 
   chunks       codec                     write MB/s  read MB/s  ratio

@@ -29,7 +29,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from absl import app, flags
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
+
+from radfm_jax.data import store as store_lib
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -74,7 +78,6 @@ class Tokenizer:
   def load(cls, model_path: str | os.PathLike, *, max_images: int, tokens_per_image: int,
            upstream_image_position: bool = False) -> Tokenizer:
     """Loads a SentencePiece .model file (local path or any etils.epath location, e.g. gs://)."""
-    from etils import epath  # pylint: disable=g-import-not-at-top
     path = epath.Path(model_path)
     if not path.exists():
       raise FileNotFoundError(f"tokenizer model {model_path} does not exist")
@@ -256,7 +259,6 @@ def train_tokenizer(source: Iterable[str] | Any, out_prefix: str, vocab_size: in
   produced by encode) so that it has exactly vocab_size ids, matching the model config.
   """
   if isinstance(source, (str, os.PathLike)):
-    from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
     source = store_lib.Store.open(str(source))
   where = f"store {getattr(source, 'root', '?')} split {split!r}" if hasattr(source, "records") else "texts"
   texts = _store_texts(source, split) if hasattr(source, "records") else iter(source)
@@ -283,7 +285,6 @@ def train_tokenizer(source: Iterable[str] | Any, out_prefix: str, vocab_size: in
                      type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED)
   proto.trainer_spec.vocab_size = vocab_size
   model = proto.SerializeToString()
-  from etils import epath  # pylint: disable=g-import-not-at-top
   out = epath.Path(str(out_prefix) + ".model")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_bytes(model)
@@ -295,7 +296,6 @@ def train_tokenizer(source: Iterable[str] | Any, out_prefix: str, vocab_size: in
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   path = train_tokenizer(f.store, f.out, f.vocab_size, model_type=f.model_type, split=f.split or None)
   tok = Tokenizer.load(path, max_images=0, tokens_per_image=1)
@@ -303,7 +303,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("store", None, "store root to read the text from", required=True)
   flags.DEFINE_integer("vocab_size", None, "number of text ids (the model's vocab_size)", required=True)
   flags.DEFINE_string("out", None, "output prefix: writes PREFIX.model and PREFIX.vocab", required=True)

@@ -1,9 +1,9 @@
 """Input pipeline benchmark: the full Grain pipeline vs a raw TensorStore read of the same volumes.
 
-  python -m radfm_jax.data.bench [--volumes=32] [--vol_shape=256,256,64] [--batch=4] [--workers=2]
+  python -m radfm_jax.bench.pipeline [--volumes=32] [--vol_shape=256,256,64] [--batch=4] [--workers=2]
                                 [--image_channels=1]
 
-Builds a store of n CT-like int16 volumes (store_bench.ct_like_volumes: pydicom's real CT slice plus
+Builds a store of n CT-like int16 volumes (bench/volumes.py: pydicom's real CT slice plus
 noise, default chunks and codec), one 3D report sample per volume, and a small tokenizer; then measures
 in one run:
   raw       Store.read_volume of every volume, one thread (decode only), and with `threads` threads;
@@ -24,10 +24,12 @@ import shutil
 import tempfile
 import time
 
-from absl import app, flags
-import numpy as np
+from absl import app, flags, logging
 
-# (store_bench, imported for its volumes, defines --n/--shape/--out: these names differ on purpose.)
+from configs import common_data  # an entry module: builds its data config like the configs do
+from radfm_jax.bench.volumes import ct_like_volumes
+from radfm_jax.data import pipeline, schema, store, tokenizer
+
 _N = flags.DEFINE_integer("volumes", 32, "number of 3D volumes (one sample each)")
 _SHAPE = flags.DEFINE_list("vol_shape", ["256", "256", "64"], "H,W,D of each int16 volume")
 _BATCH = flags.DEFINE_integer("batch", 4, "global batch of 3D samples")
@@ -40,10 +42,9 @@ _OUT = flags.DEFINE_string("scratch", "", "scratch folder (default: a temporary 
 
 def build(root: str, n: int, shape: tuple[int, int, int]) -> tuple[list[str], int]:
   """Writes the benchmark store; returns the volume keys and their total stored (native) bytes."""
-  from radfm_jax.data import schema, store, store_bench  # pylint: disable=g-import-not-at-top
   writer = store.StoreWriter(root)
   keys, nbytes = [], 0
-  for i, vol in enumerate(store_bench.ct_like_volumes(n, shape)):
+  for i, vol in enumerate(ct_like_volumes(n, shape)):
     key = f"ct{i:04d}"
     writer.write_volume(key, vol, {"modality": "CT", "unit": "HU", "is_2d": False})
     nbytes += vol.nbytes
@@ -58,7 +59,6 @@ def build(root: str, n: int, shape: tuple[int, int, int]) -> tuple[list[str], in
 
 def raw_read(root: str, keys: list[str], threads: int) -> float:
   """Seconds to read every volume through a fresh Store."""
-  from radfm_jax.data import store  # pylint: disable=g-import-not-at-top
   st = store.Store.open(root)
   st.volume_meta(keys[0])  # manifest parsed outside the timing, as the pipeline plans before reading
   t0 = time.perf_counter()
@@ -73,8 +73,6 @@ def raw_read(root: str, keys: list[str], threads: int) -> float:
 
 def run_pipeline(root: str, tok_path: str, n: int, shape, batch: int, workers: int, threads: int,
                  epochs: int, channels: int = 1) -> dict[str, float]:
-  from configs import common_data  # pylint: disable=g-import-not-at-top
-  from radfm_jax.data import pipeline, tokenizer  # pylint: disable=g-import-not-at-top
   tok = tokenizer.Tokenizer.load(tok_path, max_images=1, tokens_per_image=32)
   cfg = common_data.data_config(store=root, image_hw_3d=(256, 256), max_len=128, len_buckets=(128,),
                                 slot_buckets=(1,), batch_size=batch, batch_size_3d=batch, workers=workers,
@@ -98,7 +96,6 @@ def run_pipeline(root: str, tok_path: str, n: int, shape, batch: int, workers: i
 
 def main(argv) -> None:
   del argv
-  from radfm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   shape = tuple(int(x) for x in _SHAPE.value)
   n = _N.value
   scratch = _OUT.value or tempfile.mkdtemp(prefix="radfm_bench_")
@@ -129,6 +126,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   app.run(main)

@@ -1,4 +1,4 @@
-"""Many prompts -> batched, bucketed, sharded `generate.generate` calls (the CLI and RadBench share it).
+"""Many prompts -> batched, bucketed, sharded `decoding.generate` calls (the CLI and RadBench share it).
 
 A `Request` is one prompt: its token ids (BOS + text with image blocks, `Tokenizer.build_prompt`), its
 image group (the grid its images are resized to: `preprocess.sample_depth`, 0 = the 2D grid, TEXT_ONLY
@@ -13,7 +13,7 @@ batch by batch through the caller's `load_images(request, grid) -> float32 [n_im
 to load becomes an error (the batch goes on without it).
 
 A row's tokens depend on its own prompt and images only (left padding + masks; tests check batch 1
-against batch 8) and, when sampling, on its own key `generate.row_keys(seed, [request.index])`: the same
+against batch 8) and, when sampling, on its own key `decoding.row_keys(seed, [request.index])`: the same
 request gives the same answer whatever the batch size, the other requests or the padding.
 
 Multi-process: every process plans the same batches and reads every row's images (so failures are known
@@ -28,8 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from radfm_jax import generate, sharding
+from radfm_jax import sharding
+from radfm_jax.inference import decoding
 from radfm_jax.data import collate, preprocess
 
 TEXT_ONLY = -1  # group of requests without images
@@ -123,7 +125,6 @@ def _global(x: np.ndarray, mesh, local: slice) -> jax.Array:
 
 def _gather(x: jax.Array) -> np.ndarray:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -178,17 +179,17 @@ def run(model, requests: Sequence[Request], load_images: Callable[[Request, tupl
     if temperature > 0:
       index = np.zeros((num_rows,), np.int64)
       index[:len(rows)] = [req.index for req in rows]
-      rng = generate.row_keys(seed, index)
+      rng = decoding.row_keys(seed, index)
     images = image_mask = None
     if grid is not None:
       images, image_mask = _global(batch["images"], mesh, local), batch["image_mask"]
     with jax.set_mesh(mesh):
-      out = generate.generate(model, batch["prompt_ids"], batch["prompt_mask"], images, image_mask,
+      out = decoding.generate(model, batch["prompt_ids"], batch["prompt_mask"], images, image_mask,
                               max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
                               temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
     ids = _gather(out)
     for r in ok:
-      outputs[rows[r].index] = generate.trim(ids[r:r + 1], tok.eos_id)[0]
+      outputs[rows[r].index] = decoding.trim(ids[r:r + 1], tok.eos_id)[0]
       new_tokens += len(outputs[rows[r].index])
   seconds = time.time() - t0
   info = {"rows_per_batch": num_rows, "compiled_shapes": len(seen), "generate_seconds": round(seconds, 2),

@@ -22,7 +22,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from radfm_jax.data import prompts, schema
+from radfm_jax.data import schema
+from radfm_jax.data.ingest import prompts
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # released CSVs carry whole case texts in one cell
 

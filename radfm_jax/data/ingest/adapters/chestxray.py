@@ -9,8 +9,9 @@ Released files (one row per image):
 """
 from __future__ import annotations
 
-from radfm_jax.data import prompts, schema
-from radfm_jax.data.adapters import common
+from radfm_jax.data import schema
+from radfm_jax.data.ingest import prompts
+from radfm_jax.data.ingest.adapters import common
 
 _YES = {"1", "1.0", "yes", "true", "positive"}
 _NO = {"0", "0.0", "no", "false", "negative"}

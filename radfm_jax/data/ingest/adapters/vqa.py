@@ -9,7 +9,7 @@ from __future__ import annotations
 import posixpath
 
 from radfm_jax.data import schema
-from radfm_jax.data.adapters import common
+from radfm_jax.data.ingest.adapters import common
 
 
 def vqa(src: str, image_root: str, *, split: str = "train", seed: int = 0, dataset: str = "vqa",

@@ -27,8 +27,8 @@ from flax import nnx
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from radfm_jax import optim
-from radfm_jax import sharding
+from radfm_jax import checkpoint, models, sharding
+from radfm_jax.training import optim
 
 State = dict[str, Any]
 TOWERS = ("vision", "resampler", "fc", "lm")  # top-level parameter groups with FLOPs
@@ -80,8 +80,8 @@ class Layout:
 
 def make_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
   """Abstract train state + shardings for `cfg` on `mesh`; allocates nothing."""
-  from radfm_jax.models.radfm import RadFM  # pylint: disable=g-import-not-at-top
-  abstract_module = nnx.eval_shape(lambda: RadFM(cfg.model, rngs=nnx.Rngs(0)))
+  model_cls = models.get(models.DEFAULT)
+  abstract_module = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, abs_model = nnx.split(abstract_module)
   non_params = [p for p, v in nnx.to_flat_state(abs_model) if not isinstance(v, nnx.Param)]
   if non_params:
@@ -109,7 +109,7 @@ def make_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
 def init_state(cfg: ml_collections.ConfigDict, layout: Layout) -> State:
   """A fresh sharded train state: parameters from `cfg.init_from` (a params checkpoint: full RadFM or
   LM only) or random init with `cfg.seed`; zero optimizer state."""
-  graphdef, model_state = sharding.create_sharded(cfg.model, layout.mesh, cfg.seed)
+  graphdef, model_state = sharding.create_sharded(models.get(models.DEFAULT), cfg.model, layout.mesh, cfg.seed)
   init_from = cfg.get("init_from")
   if init_from:
     model_state = _load_init(init_from, graphdef, model_state)
@@ -123,7 +123,6 @@ def init_state(cfg: ml_collections.ConfigDict, layout: Layout) -> State:
 
 def _load_init(path: str, graphdef: nnx.GraphDef, model_state: nnx.State) -> nnx.State:
   """Model state with parameters from a params-only checkpoint (`radfm_jax.checkpoint` format)."""
-  from radfm_jax import checkpoint  # pylint: disable=g-import-not-at-top
   meta = checkpoint.read_meta(path)
   model = nnx.merge(graphdef, model_state)
   if meta["model_class"] == "llama":

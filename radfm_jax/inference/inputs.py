@@ -34,7 +34,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from radfm_jax import batch_generate
+from radfm_jax import models
+from radfm_jax.inference import batching as batch_generate
 from radfm_jax.data import preprocess, readers
 from radfm_jax.data import tokenizer as tokenizer_lib
 
@@ -186,14 +187,13 @@ def answer(model, cfg, inputs: Sequence[Input], *, mesh, batch_size: int = 8, ma
            marker: str = DEFAULT_MARKER, window: int = 0) -> Iterator[dict[str, Any]]:
   """Result dicts in input order (see the module doc). model/cfg: `checkpoint.load_model` on `mesh`.
   window: inputs read per round (default 8 batches' worth)."""
-  from radfm_jax.models.llama import Llama  # pylint: disable=import-outside-toplevel
   if not cfg.get("data") or not cfg.data.get("tokenizer"):
     raise ValueError("the checkpoint's config names no tokenizer (data.tokenizer): text prompts need one "
                      "(--token_ids works without)")
   tok = tokenizer_lib.Tokenizer.from_config(cfg.data, cfg.model)
   spec = preprocess.ImageSpec.from_config(cfg.data)
   shapes = batch_generate.shapes_for(cfg.data, cfg.model, max_new_tokens)
-  text_only = isinstance(model, Llama)
+  text_only = not models.takes_images(model)
   window = window or 8 * batch_generate.rows_per_batch(batch_size, mesh)
   for start in range(0, len(inputs), window):
     chunk = inputs[start:start + window]

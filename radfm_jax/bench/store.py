@@ -1,6 +1,6 @@
 """Measures store chunk shapes and codecs: write MB/s, full-read MB/s and size, on CT-like volumes.
 
-  python -m radfm_jax.data.store_bench --n=6 --shape=256,256,64 [--out=/tmp/store_bench]
+  python -m radfm_jax.bench.store --n=6 --shape=256,256,64 [--out=/tmp/store_bench]
 
 The volumes are CT-like int16 in HU: the real CT slice bundled with pydicom (693_J2KI.dcm, 512x512,
 resampled to H x W), shifted a little from slice to slice as anatomy changes along the body, plus
@@ -20,11 +20,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+from radfm_jax.bench.volumes import ct_like_volumes
 from radfm_jax.data import store
 
-_N = flags.DEFINE_integer("n", 6, "volumes per configuration")
-_SHAPE = flags.DEFINE_list("shape", ["256", "256", "64"], "H,W,D of each volume")
-_OUT = flags.DEFINE_string("out", "", "scratch folder (default: a temporary folder, removed after)")
 
 CONFIGS = [
     ((256, 256, 64), "raw"),
@@ -41,29 +39,6 @@ CONFIGS = [
     ((128, 128, 16), "blosc:zstd:5:bitshuffle"),
     ((64, 64, 32), "blosc:zstd:5:bitshuffle"),
 ]
-
-
-def ct_like_volumes(n: int, shape: tuple[int, int, int], seed: int = 0) -> list[np.ndarray]:
-  """n int16 HU volumes [H, W, D, 1] built from pydicom's real CT slice (see the module docstring)."""
-  from PIL import Image  # noqa: PLC0415
-  from pydicom.data import get_testdata_file  # noqa: PLC0415
-
-  from radfm_jax.data.readers import read_scan  # noqa: PLC0415
-  h, w, d = shape
-  hu = read_scan(get_testdata_file("693_J2KI.dcm", download=False)).array[:, :, 0, 0].astype(np.float32)
-  hu = np.clip(hu, -1024, 3071)
-  base = np.asarray(Image.fromarray(hu).resize((w + 24, h + 24), Image.BILINEAR))
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    vol = np.empty((h, w, d), np.float32)
-    oy, ox = rng.integers(0, 8, 2)
-    for k in range(d):
-      dy, dx = 4 + oy + round(4 * np.sin(k / 9)), 4 + ox + round(4 * np.cos(k / 11))
-      vol[:, :, k] = base[dy:dy + h, dx:dx + w] * (1 + 0.05 * np.sin(k / 7))
-    vol += rng.normal(0, 12, vol.shape)
-    out.append(np.clip(np.rint(vol), -1024, 3071).astype(np.int16)[..., None])
-  return out
 
 
 def _du(path: str) -> int:
@@ -97,19 +72,23 @@ def bench(volumes: list[np.ndarray], root: str) -> list[dict]:
 
 def main(argv):
   del argv
-  shape = tuple(int(s) for s in _SHAPE.value)
-  volumes = ct_like_volumes(_N.value, shape)
-  root = _OUT.value or tempfile.mkdtemp(prefix="store_bench_")
+  f = flags.FLAGS
+  shape = tuple(int(s) for s in f.shape)
+  volumes = ct_like_volumes(f.n, shape)
+  root = f.out or tempfile.mkdtemp(prefix="store_bench_")
   try:
     rows = bench(volumes, root)
   finally:
-    if not _OUT.value:
+    if not f.out:
       shutil.rmtree(root, ignore_errors=True)
-  print(f"{_N.value} volumes {shape} int16, {sum(v.nbytes for v in volumes) / 2**20:.0f} MiB raw")
+  print(f"{f.n} volumes {shape} int16, {sum(v.nbytes for v in volumes) / 2**20:.0f} MiB raw")
   print(f"{'chunks':<14}{'codec':<26}{'write MB/s':>11}{'read MB/s':>11}{'ratio':>8}")
   for r in rows:
     print(f"{r['chunks']:<14}{r['codec']:<26}{r['write_mb_s']:>11.0f}{r['read_mb_s']:>11.0f}{r['ratio']:>8.2f}")
 
 
 if __name__ == "__main__":
+  flags.DEFINE_integer("n", 6, "volumes per configuration")
+  flags.DEFINE_list("shape", ["256", "256", "64"], "H,W,D of each volume")
+  flags.DEFINE_string("out", "", "scratch folder (default: a temporary folder, removed after)")
   app.run(main)

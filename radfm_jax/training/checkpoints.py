@@ -1,15 +1,14 @@
 """Train checkpoints: an Orbax CheckpointManager over the train state, the data-iterator state and the
-config, plus preemption (SIGTERM) handling and the params-only export.
+config, plus preemption (SIGTERM) handling.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data, config}/ (Orbax; a step directory appears only when its
 save has completed, so a run killed mid-save resumes from the previous one).
-  state   the train state (`radfm_jax.train_state`), restored against the *current* mesh's abstract
+  state   the train state (`radfm_jax.training.state`), restored against the *current* mesh's abstract
           state: each device reads only its shards, and a run saved on one topology resumes on another
   data    Grain iterator state, one JSON file per process (process_<i>-of-<n>.json)
   config  the full run config as JSON (self-describing)
 
-`export` writes the params of a step in the format `radfm_jax.checkpoint.load_model` reads (CLI:
-`python -m radfm_jax.export --workdir=runs/demo --dst=runs/demo/export [--step=N]`).
+`training.export` writes the params of a step as a params checkpoint (`python -m radfm_jax.export`).
 """
 from __future__ import annotations
 
@@ -126,25 +125,3 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Params-only export.
-# ----------------------------------------------------------------------------------------------------
-def export(workdir: str, dst: str, step: int | None = None, overwrite: bool = False) -> str:
-  """Writes the params of a train checkpoint as a `radfm_jax.checkpoint` params checkpoint."""
-  from radfm_jax import checkpoint, sharding, train_state  # pylint: disable=g-import-not-at-top
-  ckpts = Checkpoints(workdir, async_save=False)
-  step = ckpts.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}: no train checkpoint under {ckpts.directory}")
-  cfg = ckpts.restore_config(step)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-  layout = train_state.make_layout(cfg, mesh)
-  state, _ = ckpts.restore(step, layout.abstract)
-  params = train_state.merge_params(state["params"], state["frozen"])
-  out = checkpoint.save_model(dst, params, cfg, model_class="radfm", overwrite=overwrite,
-                              extra={"source": os.path.abspath(workdir), "step": int(step)})
-  ckpts.close()
-  logging.info("Exported step %d of %s to %s", step, workdir, out)
-  return out

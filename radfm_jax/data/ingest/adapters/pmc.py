@@ -15,8 +15,9 @@ import json
 import os
 import re
 
-from radfm_jax.data import prompts, schema
-from radfm_jax.data.adapters import common
+from radfm_jax.data import schema
+from radfm_jax.data.ingest import prompts
+from radfm_jax.data.ingest.adapters import common
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

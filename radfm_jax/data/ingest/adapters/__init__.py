@@ -1,12 +1,12 @@
 """Adapters for RadFM's released text files (`--from=radfm`), one per dataset, behind a registry.
 
 An adapter is `fn(src, image_root, *, split="train", seed=0, **opts) -> Iterator[Sample | RowError]`:
-it reads one released CSV/JSON file, draws prompts from `radfm_jax.data.prompts`, and yields a
+it reads one released CSV/JSON file, draws prompts from `radfm_jax.data.ingest.prompts`, and yields a
 `schema.Sample` per usable row (image paths relative to image_root) or a `schema.RowError` per malformed
 row. Bad arguments (unknown option, missing source file, unknown split) raise at call time. Output is a
 pure function of (file, seed): the same call yields the same samples.
 
-  from radfm_jax.data import adapters
+  from radfm_jax.data.ingest import adapters
   for item in adapters.get("vqa_rad")("vqarad_test.csv", "/data/vqarad", split="test"): ...
 
 Options common to all: dataset= (name used in ids and Sample.source), strip_prefix= (removed from the
@@ -19,7 +19,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 from radfm_jax.data import schema
-from radfm_jax.data.adapters import chestxray, medpix, pmc, rp3d, vqa
+from radfm_jax.data.ingest.adapters import chestxray, medpix, pmc, rp3d, vqa
 
 Adapter = Callable[..., Iterator[schema.Sample | schema.RowError]]
 

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from radfm_jax.data import prompts, schema
-from radfm_jax.data.adapters import common
+from radfm_jax.data import schema
+from radfm_jax.data.ingest import prompts
+from radfm_jax.data.ingest.adapters import common
 
 
 class CaseScans:

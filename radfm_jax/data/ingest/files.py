@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from radfm_jax.data import readers, schema
-from radfm_jax.data.build import redact_path
+from radfm_jax.data.ingest.build import redact_path
 from radfm_jax.data.readers import dicom
 
 Scan = tuple[str | list[str], int | None]   # (relative path or series files, index)

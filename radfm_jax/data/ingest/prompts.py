@@ -1,6 +1,6 @@
 """Prompt pools per task, in our own wording, and a seeded picker.
 
-The RadFM data adapters (`radfm_jax.data.adapters`) turn label-only rows (a report, a modality name, a
+The RadFM data adapters (`radfm_jax.data.ingest.adapters`) turn label-only rows (a report, a modality name, a
 disease label) into question/answer samples by drawing a question from one of these pools. Pool sizes
 follow the published setup (report 20, caption 15, classification 11, yes/no 14, modality 5 open +
 3 yes/no, rationale 10); the MedPix case pools cover the extra MedPix task types. Templates with a

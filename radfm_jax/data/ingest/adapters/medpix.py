@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 
-from radfm_jax.data import prompts, schema
-from radfm_jax.data.adapters import common
+from radfm_jax.data import schema
+from radfm_jax.data.ingest import prompts
+from radfm_jax.data.ingest.adapters import common
 
 # MedPix case section -> (prompt pool, task). Case diagnoses are free text, so they are open VQA (eval
 # scores task "diagnosis" as yes/no or multi-label); meta.diagnosis keeps the diagnosis.

@@ -20,8 +20,11 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from radfm_jax.data import collate
+from radfm_jax.data import demo as demo_lib
+from radfm_jax.data import store as store_lib
 from radfm_jax.data import pipeline
 from radfm_jax.data import tokenizer as tokenizer_lib
 
@@ -46,13 +49,10 @@ def ensure_demo_data(data_cfg: ml_collections.ConfigDict, vocab_size: int) -> No
     with _file_lock(os.path.abspath(demo.out) + ".lock"):
       _build_demo(data_cfg, demo, vocab_size)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("radfm_jax.train_data.ensure_demo_data")
+    multihost_utils.sync_global_devices("radfm_jax.training.data.ensure_demo_data")
 
 
 def _build_demo(data_cfg, demo, vocab_size: int) -> None:
-  from radfm_jax.data import demo as demo_lib  # pylint: disable=g-import-not-at-top
-  from radfm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
   try:
     store_lib.Store.open(data_cfg.store)
   except FileNotFoundError:

@@ -1,7 +1,7 @@
 """The demo dataset: phantom scans as real files + text for the five RadBench tasks, built into a store
 through the same files-mode path as real data.
 
-  python -m radfm_jax.data.demo --out=/tmp/demo [--n=240] [--seed=0] [--workers=2]
+  python -m radfm_jax.data.demo --out=/tmp/demo [--n=240] [--seed=0] [--workers=2]   (__main__.py)
   -> /tmp/demo/images/{train,val,test}/NNNN_{ct,mr,xray}.{nii.gz,png}   (phantoms.py)
      /tmp/demo/text.jsonl                                                 (files.py JSONL format)
      /tmp/demo/store/                                                     (store.py; build report inside)
@@ -33,12 +33,12 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from absl import app, flags
 from PIL import Image
 
-from radfm_jax.data import files, phantoms
-from radfm_jax.data.build import MAX_EXIT_STATUS, ingest_samples, summary
-from radfm_jax.data.phantoms import FINDINGS, MODALITIES, REGIONS, ROUND, SIDES, SIZES, Lesion, Phantom
+from radfm_jax.data.ingest import files
+from radfm_jax.data.demo import phantoms
+from radfm_jax.data.ingest.build import ingest_samples
+from radfm_jax.data.demo.phantoms import FINDINGS, MODALITIES, REGIONS, ROUND, SIDES, SIZES, Lesion, Phantom
 from radfm_jax.data.readers import nifti
 
 ALL_FINDINGS = ("nodule", "effusion", "tumor", "hemorrhage")
@@ -278,26 +278,3 @@ def make_demo(out: str, *, n: int = 240, seed: int = 0, workers: int = 2, progre
   samples, _, total = files.samples_from_folder(out, text=text)
   return ingest_samples(samples, src_root=out, out=os.path.join(out, "store"), workers=workers,
                         progress=progress, total=total)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  f = flags.FLAGS
-  report = make_demo(f.out, n=f.n, seed=f.seed, workers=f.workers, progress=f.progress)
-  print(summary(report, os.path.join(f.out, "store")))
-  sys.exit(min(report["n_failed"], MAX_EXIT_STATUS))
-
-
-def define_flags() -> None:
-  flags.DEFINE_string("out", None, "output folder (files, text.jsonl, store/)", required=True)
-  flags.DEFINE_integer("n", 240, "phantoms (two samples each), split 80/10/10")
-  flags.DEFINE_integer("seed", 0, "seed: the same seed writes the same dataset")
-  flags.DEFINE_integer("workers", 2, "build workers (threads)")
-  flags.DEFINE_bool("progress", True, "show a progress bar")
-
-
-if __name__ == "__main__":
-  from radfm_jax.data import demo as _demo  # noqa: PLC0415 - the importable module's functions
-  _demo.define_flags()
-  app.run(_demo.main)

@@ -1,0 +1,232 @@
+"""The training loop: `train_and_evaluate(cfg, workdir)`, readable top to bottom.
+
+Sections: logging -> mesh -> data -> model + sharding -> restore -> update step -> checkpoint -> evals
+-> loop -> cleanup. The run resumes by itself from the latest complete checkpoint in the workdir (same
+data, same losses). Top-level config keys read here: seed, total_steps, log_every, checkpoint_every,
+keep_checkpoints, eval_every, eval_batches, microbatches, nonfinite_limit, init_from, init_required,
+profile_steps, profile_first, optim.*, model.*, mesh.*, data.* (defaults: configs/common_train.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging as absl_logging
+
+from radfm_jax import sharding
+from radfm_jax.training import checkpoints as checkpoint_manager
+from radfm_jax.training import data as train_data
+from radfm_jax.training import metrics as metrics_lib
+from radfm_jax.training import state as train_state
+from radfm_jax.training.step import (Batch, NonFiniteError, evaluate, jit_step, make_eval_step,
+                                     make_train_step, to_global)
+
+
+# ====================================================================================================
+# The run.
+# ====================================================================================================
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint); returns a summary."""
+  # ---------------------------------------------------------------------------------------- logging
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _quiet_library_logs()
+  logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+
+  # ------------------------------------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(cfg.mesh)
+  logging.info("Mesh %s", dict(mesh.shape))
+  _check_config(cfg, mesh)
+
+  # ------------------------------------------------------------------------------------------- data
+  data = train_data.TrainData(cfg)
+  train_iter = data.train_iterator()
+
+  # -------------------------------------------------------------------------------- model, sharding
+  layout = train_state.make_layout(cfg, mesh)
+  ckpts = checkpoint_manager.Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 3))
+  start = ckpts.latest_step()
+  if start is None:
+    if cfg.get("init_required") and not cfg.get("init_from"):
+      raise ValueError("this config fine-tunes: give --config.init_from=PARAMS_CKPT (a stage-1 export from "
+                       "`python -m radfm_jax.export`, or a `python -m radfm_jax.convert` output)")
+    state = train_state.init_state(cfg, layout)
+    start = 0
+  else:
+    logging.info("Resuming from checkpoint %d in %s", start, ckpts.directory)
+    state, data_restored = ckpts.restore(start, layout.abstract, train_iter)
+    if not data_restored:
+      train_iter = data.train_iterator(seed_offset=start)
+  n_train, n_frozen = (metrics_lib.count_params(state["params"]), metrics_lib.count_params(state["frozen"]))
+  logging.info("Parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
+  if jax.process_index() == 0 and start == 0:
+    from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+    parameter_overview.log_parameter_overview(
+        train_state.merge_params(state["params"], state["frozen"]), include_stats=False,
+        msg="Parameter overview (trainable and frozen)")
+  writer = metrics_lib.MetricsWriter(workdir, start_step=start)
+  peak, peak_src = metrics_lib.peak_flops(cfg.model.dtype)
+  logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_src)
+  towers = train_state.trainable_towers(state["params"])
+
+  # ------------------------------------------------------------------------------------ update step
+  step_fn = make_train_step(layout, cfg)
+  compiled: dict[Any, Callable] = {}  # batch-shape signature -> jitted step (static shape buckets)
+  flops: dict[Any, float] = {}
+
+  def run_step(state, host_batch):
+    key = tuple((k, v.shape) for k, v in sorted(host_batch.items()) if isinstance(v, np.ndarray))
+    batch = to_global(host_batch, mesh)
+    if key not in compiled:
+      compiled[key] = jit_step(step_fn, layout, batch)
+      flops[key] = _batch_flops(cfg, batch, towers)
+    return compiled[key](state, batch), flops[key]
+
+  # ------------------------------------------------------------------------------------- checkpoint
+  preemption = checkpoint_manager.Preemption()  # SIGTERM -> checkpoint at the end of the step, exit
+
+  # ------------------------------------------------------------------------------------------ evals
+  eval_fn = jax.jit(make_eval_step(layout, cfg), out_shardings=sharding.replicated(mesh))
+
+  def run_eval(step):
+    if not data.has_eval:
+      return {}
+    t0 = time.perf_counter()
+    res = evaluate(eval_fn, state, data.eval_batches(), mesh)
+    writer.write(step, {f"val/{k}": v for k, v in res.items()})
+    logging.info("step %d validation %s (%.1fs)", step, _fmt(res), time.perf_counter() - t0)
+    return res
+
+  # ------------------------------------------------------------------------------------------- loop
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer.writer,
+                                           every_steps=cfg.log_every)]
+  if cfg.get("profile_steps") and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
+                                          profile_duration_ms=None, every_secs=None,
+                                          first_profile=start + cfg.get("profile_first", 5)))
+  limit = int(cfg.get("nonfinite_limit", 10))
+  summary: dict[str, Any] = {"start_step": start}
+  window = dict(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0, tokens=0.0, images=0.0)
+
+  def handle_metrics(step: int, m: Mapping[str, Any], step_flops: float) -> None:
+    """Host side of a finished step, in step order and one step behind the dispatch: the non-finite
+    guard, throughput accounting and logging."""
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if m["nonfinite"]:
+      logging.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); update skipped "
+                      "(%d in a row, %d total)", step, m["loss"], m["grad_norm"],
+                      m["nonfinite_consecutive"], m["nonfinite_total"])
+      if m["nonfinite_consecutive"] >= limit:
+        ckpts.close()
+        writer.close()
+        preemption.restore_handler()
+        raise NonFiniteError(
+            f"{limit} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping. "
+            f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
+            f"{ckpts.directory}. Lower optim.lr, check the data, or raise nonfinite_limit.")
+    if step == start + 1:  # the first step compiles: report it, keep it out of the rates
+      window.update(t=time.perf_counter(), wait=0.0, compile_time=summary["first_step_seconds"])
+    else:
+      window["steps"] += 1
+      window["flops"] += step_flops
+      window["tokens"] += m["text_tokens"]
+      window["images"] += m.get("images", 0.0)
+    if step % cfg.log_every and step != cfg.total_steps:
+      return
+    dt = time.perf_counter() - window["t"]
+    if "compile_time" in window:  # on the first logged step
+      m["compile_time"] = window.pop("compile_time")
+    if window["steps"]:
+      m.update(step_time=dt / window["steps"], input_wait=window["wait"] / window["steps"],
+               input_wait_fraction=window["wait"] / dt, text_tokens_per_s=window["tokens"] / dt,
+               images_per_s=window["images"] / dt, model_tflops_per_s=window["flops"] / dt / 1e12,
+               mfu=(window["flops"] / dt / peak) if peak else 0.0)
+    writer.write(step, m)
+    logging.info("step %d loss %.6f %s", step, m["loss"], _fmt(m, skip=("loss",)))
+    summary["last_metrics"] = m
+    window.update(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0, tokens=0.0, images=0.0)
+
+  step, last_eval, pending, pending_save = start, None, None, False
+  while step < cfg.total_steps:
+    t0 = time.perf_counter()
+    host_batch = next(train_iter)
+    window["wait"] += time.perf_counter() - t0
+    first = not compiled
+    (state, m), step_flops = run_step(state, host_batch)
+    step += 1
+    if first:
+      jax.block_until_ready(m)
+      summary["first_step_seconds"] = time.perf_counter() - t0
+      logging.info("First step (compile + run) took %.1fs", summary["first_step_seconds"])
+    if pending is not None:
+      handle_metrics(*pending)  # the previous step: the device is busy with this one meanwhile
+    pending = (step, m, step_flops)
+    for h in hooks:
+      h(step)
+    preempted = preemption.reached(step)
+    if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted or pending_save:
+      pending_save = bool(jax.device_get(m["nonfinite_consecutive"]))  # never save in a bad streak
+      if not pending_save:
+        handle_metrics(*pending)
+        pending = None
+        ckpts.save(step, state, train_iter, cfg)
+    if cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+      summary["eval"] = run_eval(step)
+      last_eval = step
+    if preempted:
+      logging.warning("Preempted: checkpoint %d saved, exiting.", step)
+      summary["preempted"] = True
+      break
+  if pending is not None:
+    handle_metrics(*pending)
+  if step == cfg.total_steps and last_eval != step and data.has_eval:
+    summary["eval"] = run_eval(step)
+  ckpts.close()
+  writer.close()
+  preemption.restore_handler()
+  summary.update(step=step, state=state)
+  return summary
+
+
+def _batch_flops(cfg, batch: Batch, towers: Mapping[str, bool]) -> float:
+  b, t = batch["inputs"].shape
+  images = batch.get("images")
+  shape = None if images is None else tuple(images.shape[1:5])
+  return metrics_lib.train_flops(cfg.model, batch=b, seq_len=t, image_shape=shape, trainable=towers)
+
+
+def _check_config(cfg: ml_collections.ConfigDict, mesh) -> None:
+  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "optim", "model", "mesh", "data"):
+    if key not in cfg:
+      raise ValueError(f"config has no top-level `{key}` (see configs/common_train.py)")
+  n_micro = int(cfg.get("microbatches", 1))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name in ("batch_size", "batch_size_3d"):
+    b = int(cfg.data.get(name) or cfg.data.batch_size)
+    if n_micro < 1 or b % n_micro or (b // n_micro) % shards:
+      raise ValueError(f"data.{name}={b} must split into microbatches={n_micro} microbatches whose size "
+                       f"is a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drops INFO lines of Orbax (tens per checkpoint); warnings and errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_library_logs() -> None:
+  logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in logger.filters):
+    logger.addFilter(_LibraryInfoFilter())
+
+
+def _fmt(d: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
+  return " ".join(f"{k}={v:.4g}" for k, v in sorted(d.items()) if k not in skip)
