@@ -1,4 +1,4 @@
-"""Top-level training keys shared by all training configs (radfm_jax.train reads them).
+"""Top-level training keys shared by all training configs (radfm_jax.training.loop reads them).
 
   c = ml_collections.ConfigDict(); c.model = ...; c.mesh = ...; c.data = ...
   add_train_config(c, total_steps=1000, optim=dict(lr=1e-4))

@@ -5,7 +5,7 @@
   -> {"prompt": ..., "images": [...], "prediction": "...", "ids": [...]}
   python -m radfm_jax.generate --checkpoint=DIR --batch_file=prompts.jsonl --batch_size=8 > answers.jsonl
   -> one JSON line per input line ({"id", "line", "prompt", "images", "prediction", "ids"} or
-     {"id", "line", "prompt", "error"}); the exit status is the number of failed lines (at most 125)
+     {"id", "line", "prompt", "error"}); the exit status is the number of failed lines (at most 100, `schema.exit_status`)
   python -m radfm_jax.generate --checkpoint=DIR --token_ids=1,17,42 --max_new_tokens=24
   -> {"ids": [...]}   (generated ids, up to and including eos; no tokenizer involved)
 
@@ -26,7 +26,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from radfm_jax import checkpoint, distributed, sharding
-from radfm_jax.data import preprocess
+from radfm_jax.data import preprocess, schema
+from radfm_jax.data.tokenizer import EOS_ID
 from radfm_jax.inference import inputs as generate_inputs
 from radfm_jax.inference.decoding import generate, row_keys, trim
 
@@ -40,7 +41,7 @@ def _define_flags():
   flags.DEFINE_string("image_marker", "<image>", "placement marker in prompts ('' = none: images first)")
   flags.DEFINE_integer("batch_size", 8, "prompts per generate call (rounded up to the batch shards)")
   flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
-  flags.DEFINE_integer("eos_id", 2, "stop id (--token_ids; text prompts use the tokenizer's)")
+  flags.DEFINE_integer("eos_id", EOS_ID, "stop id (--token_ids; text prompts use the tokenizer's)")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy")
   flags.DEFINE_integer("top_k", 0, "sample among the k most likely ids (0 = all)")
   flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
@@ -106,7 +107,7 @@ def main(argv) -> int:
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
   logging.info("%d of %d inputs answered, %d failed", len(inputs) - failures, len(inputs), failures)
-  return min(failures, 125)
+  return schema.exit_status(failures)
 
 
 def run() -> None:

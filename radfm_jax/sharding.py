@@ -161,9 +161,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def host_to_global(x: Any, mesh: Mesh) -> jax.Array:
+  """This process's rows of a batch-major host array -> one global array sharded over (data, fsdp)
+  (every process passes its own rows; the global batch is their concatenation in process order)."""
+  x = np.asarray(x)
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-  """device_put a host batch (pytree of arrays with a leading batch dim) with `batch_sharding`."""
-  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), batch_sharding(mesh, np.ndim(x))), batch)
+  """A host batch pytree (leading batch dim) -> global arrays (`host_to_global` per leaf)."""
+  return jax.tree.map(lambda x: host_to_global(x, mesh), batch)
 
 
 def inference_mesh(cfg_mesh: Mapping[str, int] | None = None, spec: str = "") -> Mesh:

@@ -23,6 +23,7 @@ import numpy as np
 
 from radfm_jax import checkpoint
 from radfm_jax.convert import common
+from radfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from radfm_jax.convert.mapping import Layout, Report, Rule
 from radfm_jax.convert.sources import open_source
 
@@ -106,7 +107,7 @@ def lm_config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> tupl
 
 
 def hf_config_from_lm(lm: Any, vocab_size: int, dtype: str = "float32",
-                      bos_id: int = 1, eos_id: int = 2, pad_id: int | None = 0) -> dict[str, Any]:
+                      bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int | None = PAD_ID) -> dict[str, Any]:
   """A transformers 5.x `LlamaConfig` dict (config.json) for our LM config (also read by 4.x)."""
   return {
       "architectures": ["LlamaForCausalLM"],

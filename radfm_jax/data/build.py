@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import app, flags
 
+from radfm_jax.data import schema
 from radfm_jax.data.ingest import adapters, build, files
 
 FLAGS = flags.FLAGS
@@ -75,7 +76,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   report = build_from_flags()
   print(build.summary(report, FLAGS.out))
-  sys.exit(min(report["n_failed"], build.MAX_EXIT_STATUS))
+  sys.exit(schema.exit_status(report["n_failed"]))
 
 
 def run() -> None:

@@ -24,7 +24,17 @@ from radfm_jax.data import tokenizer as tokenizer_lib
 
 DEVICE_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "images", "image_mask")
 # record_index [b, P, 2] = (dataset, record) of each sample of a row (-1 unused; kept for skipped rows).
-HOST_KEYS = ("record_index", "num_skipped")
+# Eval labels of a row, from its first record's meta (evaluation rows hold one record): example_mask (a
+# real, not skipped, row), closed, image_dependent.
+HOST_KEYS = ("record_index", "num_skipped", "example_mask", "closed", "image_dependent")
+
+
+def buckets(values: Sequence[int] | None, top: int, name: str) -> tuple[int, ...]:
+  """The configured bucket sizes `values` (config key data.`name`) below `top`, plus `top`, sorted."""
+  vals = sorted({int(v) for v in (values or ()) if int(v) < top} | {top})
+  if vals[0] <= 0:
+    raise ValueError(f"data.{name} {list(values or ())}: buckets must be positive")
+  return tuple(vals)
 
 
 def bucket(value: int, buckets: Sequence[int]) -> int:
@@ -119,11 +129,13 @@ class BatchBuilder:
       keys.extend((int(d), im["key"]) for im in rec.get("images", []))
     if not parts:
       return {"length": 0, "keys": []}
+    meta = stores[row[0][0]][1][row[0][1]].get("meta") or {}
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if len(out["inputs"]) > self.max_len or len(keys) > self.tok.max_images:
       raise _SkipRow(f"packed row of {len(out['inputs'])} tokens / {len(keys)} images exceeds max_len "
                      f"{self.max_len} / max_images {self.tok.max_images}")
-    out.update(length=len(out["inputs"]), keys=keys)
+    out.update(length=len(out["inputs"]), keys=keys, closed=bool(meta.get("closed", False)),
+               image_dependent=bool(meta.get("image_dependent", False)))
     return out
 
   # ------------------------------------------------------------------ images
@@ -177,6 +189,8 @@ class BatchBuilder:
     batch["images"] = np.zeros((b, s, *grid, self.spec.image_channels), np.float32)
     batch["image_mask"] = np.zeros((b, s), bool)
     batch["record_index"] = np.full((b, p, 2), -1, np.int64)
+    for k in ("example_mask", "closed", "image_dependent"):
+      batch[k] = np.zeros((b,), bool)
     skipped = 0
     for j in range(b):
       i = start + j
@@ -200,6 +214,8 @@ class BatchBuilder:
       for k in text_keys:
         batch[k][j, :n] = text[k]
       batch["image_mask"][j, :len(text["keys"])] = True
+      batch["example_mask"][j] = True
+      batch["closed"][j], batch["image_dependent"][j] = text["closed"], text["image_dependent"]
     batch["num_skipped"] = np.int32(skipped)
     return batch
 

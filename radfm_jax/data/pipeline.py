@@ -88,13 +88,6 @@ def mixture(data_cfg: Any) -> list[tuple[str, str, float]]:
   return out
 
 
-def _buckets(values: Sequence[int] | None, top: int, name: str) -> tuple[int, ...]:
-  vals = sorted({int(v) for v in (values or ()) if int(v) < top} | {top})
-  if vals[0] <= 0:
-    raise ValueError(f"data.{name} {values}: buckets must be positive")
-  return tuple(vals)
-
-
 def _pack(order: np.ndarray, lengths: np.ndarray, images: np.ndarray, max_len: int, max_images: int,
           max_samples: int, window: int = 64) -> list[list[int]]:
   """First-fit (over the last `window` open rows) packing of records in `order`."""
@@ -173,8 +166,8 @@ def plan(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: str, train
                      f"excluded={excluded})")
   return Plan(sources=sources, weights=weights, num_records=num_records, rows=rows, row_group=row_group,
               streams=streams, excluded=excluded,
-              len_buckets=_buckets(data_cfg.get("len_buckets"), int(data_cfg.max_len), "len_buckets"),
-              slot_buckets=_buckets(data_cfg.get("slot_buckets"), max(tokenizer.max_images, 1),
+              len_buckets=collate.buckets(data_cfg.get("len_buckets"), int(data_cfg.max_len), "len_buckets"),
+              slot_buckets=collate.buckets(data_cfg.get("slot_buckets"), max(tokenizer.max_images, 1),
                                     "slot_buckets"))
 
 

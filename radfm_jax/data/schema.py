@@ -12,6 +12,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# Batch jobs (data.build, data.demo, generate --batch_file, eval.radbench) exit with the number of
+# failed items, capped here (0: all good): one convention, so scripts can test `$? -ne 0`.
+MAX_EXIT_STATUS = 100
+
+
+def exit_status(failures: int) -> int:
+  """The process exit status of a batch job with `failures` failed items."""
+  return min(int(failures), MAX_EXIT_STATUS)
+
 SCHEMA_VERSION = 1
 TASKS = ("modality", "diagnosis", "vqa", "report", "rationale", "caption", "interleaved")
 SPLITS = ("train", "val", "test")

@@ -54,11 +54,6 @@ class Shapes:
   slot_buckets: tuple[int, ...]
 
 
-def buckets(values: Sequence[int] | None, top: int) -> tuple[int, ...]:
-  """The configured bucket values below `top`, plus `top`, sorted."""
-  return tuple(sorted({int(v) for v in (values or ()) if 0 < int(v) < top} | {top}))
-
-
 def shapes_for(data_cfg: Mapping[str, Any], model_cfg: Any, max_new_tokens: int,
                prompt_buckets: Sequence[int] | None = None) -> Shapes:
   """Prompt budget lm.max_len - max_new_tokens; length buckets from `prompt_buckets` or
@@ -67,8 +62,9 @@ def shapes_for(data_cfg: Mapping[str, Any], model_cfg: Any, max_new_tokens: int,
   if max_prompt < 2:
     raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in lm.max_len="
                      f"{model_cfg.lm.max_len}")
-  return Shapes(max_prompt, buckets(prompt_buckets or data_cfg.get("len_buckets"), max_prompt),
-                buckets(data_cfg.get("slot_buckets"), max(int(model_cfg.get("max_images", 1)), 1)))
+  return Shapes(max_prompt, collate.buckets(prompt_buckets or data_cfg.get("len_buckets"), max_prompt, "len_buckets"),
+                collate.buckets(data_cfg.get("slot_buckets"), max(int(model_cfg.get("max_images", 1)), 1),
+                                "slot_buckets"))
 
 
 def check_length(prompt: Sequence[int], max_prompt: int) -> None:
@@ -116,11 +112,6 @@ def _dummy_row(batch: dict[str, np.ndarray], r: int, pad_id: int, bos_id: int) -
   batch["prompt_ids"][r, -1], batch["prompt_mask"][r, -1] = bos_id, True
   if "images" in batch:
     batch["images"][r], batch["image_mask"][r] = 0.0, False
-
-
-def _global(x: np.ndarray, mesh, local: slice) -> jax.Array:
-  """This process's rows of a host array -> a global array sharded over (data, fsdp)."""
-  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x[local])
 
 
 def _gather(x: jax.Array) -> np.ndarray:
@@ -182,7 +173,7 @@ def run(model, requests: Sequence[Request], load_images: Callable[[Request, tupl
       rng = decoding.row_keys(seed, index)
     images = image_mask = None
     if grid is not None:
-      images, image_mask = _global(batch["images"], mesh, local), batch["image_mask"]
+      images, image_mask = sharding.host_to_global(batch["images"][local], mesh), batch["image_mask"]
     with jax.set_mesh(mesh):
       out = decoding.generate(model, batch["prompt_ids"], batch["prompt_mask"], images, image_mask,
                               max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax import models
-from radfm_jax.data.tokenizer import EOS_ID
+from radfm_jax.data.tokenizer import EOS_ID, PAD_ID
 from radfm_jax.models import radfm as radfm_lib
 
 
@@ -132,7 +132,7 @@ def check_prompt(cfg, prompt_ids: np.ndarray, prompt_mask: np.ndarray, image_mas
 
 
 def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, max_new_tokens: int,
-             eos_id: int = 2, pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+             eos_id: int = EOS_ID, pad_id: int = PAD_ID, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, rng: jax.Array | None = None) -> jax.Array:
   """Decodes up to `max_new_tokens` per row -> int32 [B, max_new_tokens] (eos, then pad_id after it).
 
@@ -186,7 +186,7 @@ def _dev(x, dtype=None):
   return jnp.asarray(x, dtype)
 
 
-def trim(ids: np.ndarray, eos_id: int = 2) -> list[list[int]]:
+def trim(ids: np.ndarray, eos_id: int = EOS_ID) -> list[list[int]]:
   """Per row: the generated ids up to and including the first eos."""
   out = []
   for row in np.asarray(ids).tolist():

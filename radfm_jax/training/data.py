@@ -74,7 +74,7 @@ class TrainData:
     ensure_demo_data(cfg.data, int(cfg.model.vocab_size))
     self.tokenizer = tokenizer_lib.Tokenizer.from_config(cfg.data, cfg.model)
     self.has_eval = bool(cfg.data.get("eval_split"))
-    self._plans: dict[str, Any] = {}     # split -> (plan, records per source)
+    self._plans: dict[str, Any] = {}     # split -> eval plan
 
   def train_iterator(self, seed_offset: int = 0) -> Any:
     """A checkpointable iterator of this process's training batches (seeded by cfg.seed + offset)."""
@@ -88,37 +88,24 @@ class TrainData:
     return d
 
   def eval_records(self, split: str | None = None) -> list[list[dict]]:
-    """The records behind `record_index` of `eval_batches(split)`: [source][record]."""
-    return self._plan(split or self.cfg.data.eval_split)[1]
+    """The records behind `record_index` of `eval_batches(split)`: [source][record] (for reports that
+    need more than the batch's eval labels, e.g. the demo's per-template table)."""
+    return [collate.open_records(src)[1] for src in self._plan(split or self.cfg.data.eval_split).sources]
 
   def _plan(self, split: str):
     if split not in self._plans:
-      p = pipeline.plan(self._eval_cfg(), self.tokenizer, split=split, train=False, seed=0)
-      self._plans[split] = (p, [collate.open_records(src)[1] for src in p.sources])
+      self._plans[split] = pipeline.plan(self._eval_cfg(), self.tokenizer, split=split, train=False, seed=0)
     return self._plans[split]
 
   def eval_batches(self, split: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One pass over a split (default: the validation split; at most cfg.eval_batches batches), with
     eval labels."""
     split = split or self.cfg.data.eval_split
-    plan, records = self._plan(split)
+    plan = self._plan(split)
     it = pipeline.make_pipeline(self._eval_cfg(), self.tokenizer, split=split, train=False, seed=0,
                                 the_plan=plan)
     limit = int(self.cfg.get("eval_batches") or 0)
     for i, batch in enumerate(it):
       if limit and i >= limit:
         break
-      yield dict(batch, **labels(batch["record_index"], records))
-
-
-def labels(record_index: np.ndarray, records: list[list[dict]]) -> dict[str, np.ndarray]:
-  """Per row: example_mask (a real record), closed, image_dependent (from the record's meta)."""
-  first = record_index[:, 0]  # one example per row in evaluation
-  mask = first[:, 0] >= 0
-  closed = np.zeros(len(first), bool)
-  img = np.zeros(len(first), bool)
-  for i in np.flatnonzero(mask):
-    meta = records[first[i, 0]][first[i, 1]].get("meta", {})
-    closed[i] = bool(meta.get("closed", False))
-    img[i] = bool(meta.get("image_dependent", False))
-  return {"example_mask": mask, "closed": closed, "image_dependent": img}
+      yield batch  # eval labels (example_mask, closed, image_dependent) are host keys of the batch

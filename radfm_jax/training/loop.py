@@ -23,15 +23,56 @@ from radfm_jax.training import checkpoints as checkpoint_manager
 from radfm_jax.training import data as train_data
 from radfm_jax.training import metrics as metrics_lib
 from radfm_jax.training import state as train_state
-from radfm_jax.training.step import (Batch, NonFiniteError, evaluate, jit_step, make_eval_step,
-                                     make_train_step, to_global)
+from radfm_jax.training import step as train_step
+
+
+class StepTimer:
+  """Throughput over a logging window, host side: step time, input wait, text tokens/s, images/s, model
+  FLOP/s and MFU. The first step of a run compiles: its time is reported once as `compile_time` and kept
+  out of the rates."""
+
+  def __init__(self, peak_flops: float):
+    self.peak = peak_flops
+    self.compile_time: float | None = None
+    self._reset()
+
+  def _reset(self) -> None:
+    self.t0, self.wait, self.flops, self.steps, self.tokens, self.images = time.perf_counter(), 0.0, 0.0, 0, 0.0, 0.0
+
+  def waited(self, seconds: float) -> None:
+    """Time the loop spent waiting for the input pipeline."""
+    self.wait += seconds
+
+  def first_step(self, seconds: float) -> None:
+    self.compile_time = seconds
+    self._reset()
+
+  def step(self, flops: float, text_tokens: float, images: float) -> None:
+    self.steps += 1
+    self.flops += flops
+    self.tokens += text_tokens
+    self.images += images
+
+  def window(self) -> dict[str, float]:
+    """The rates since the last call (or the first step), and starts a new window."""
+    dt = time.perf_counter() - self.t0
+    out: dict[str, float] = {}
+    if self.compile_time is not None:  # reported on the first logged step only
+      out["compile_time"], self.compile_time = self.compile_time, None
+    if self.steps:
+      out.update(step_time=dt / self.steps, input_wait=self.wait / self.steps, input_wait_fraction=self.wait / dt,
+                 text_tokens_per_s=self.tokens / dt, images_per_s=self.images / dt,
+                 model_tflops_per_s=self.flops / dt / 1e12, mfu=(self.flops / dt / self.peak) if self.peak else 0.0)
+    self._reset()
+    return out
 
 
 # ====================================================================================================
 # The run.
 # ====================================================================================================
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint); returns a summary."""
+  """Trains `cfg` in `workdir` (resuming when it holds a checkpoint); returns a summary with the final
+  `state`, `step`, `start_step`, `last_metrics`, `eval` and `first_step_seconds`."""
   # ---------------------------------------------------------------------------------------- logging
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -50,6 +91,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   # -------------------------------------------------------------------------------- model, sharding
   layout = train_state.make_layout(cfg, mesh)
+
+  # ---------------------------------------------------------------------------------------- restore
   ckpts = checkpoint_manager.Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 3))
   start = ckpts.latest_step()
   if start is None:
@@ -66,54 +109,32 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   n_train, n_frozen = (metrics_lib.count_params(state["params"]), metrics_lib.count_params(state["frozen"]))
   logging.info("Parameters: %s trainable, %s frozen", f"{n_train:,}", f"{n_frozen:,}")
   if jax.process_index() == 0 and start == 0:
-    from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+    from clu import parameter_overview  # pylint: disable=g-import-not-at-top  (CLU imports TensorFlow)
     parameter_overview.log_parameter_overview(
         train_state.merge_params(state["params"], state["frozen"]), include_stats=False,
         msg="Parameter overview (trainable and frozen)")
-  writer = metrics_lib.MetricsWriter(workdir, start_step=start)
-  peak, peak_src = metrics_lib.peak_flops(cfg.model.dtype)
-  logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_src)
-  towers = train_state.trainable_towers(state["params"])
 
   # ------------------------------------------------------------------------------------ update step
-  step_fn = make_train_step(layout, cfg)
+  step_fn = train_step.make_train_step(layout, cfg)
   compiled: dict[Any, Callable] = {}  # batch-shape signature -> jitted step (static shape buckets)
   flops: dict[Any, float] = {}
+  towers = train_state.trainable_towers(state["params"])
 
   def run_step(state, host_batch):
     key = tuple((k, v.shape) for k, v in sorted(host_batch.items()) if isinstance(v, np.ndarray))
-    batch = to_global(host_batch, mesh)
+    batch = train_step.to_global(host_batch, mesh)
     if key not in compiled:
-      compiled[key] = jit_step(step_fn, layout, batch)
+      compiled[key] = train_step.jit_step(step_fn, layout, batch)
       flops[key] = _batch_flops(cfg, batch, towers)
     return compiled[key](state, batch), flops[key]
 
-  # ------------------------------------------------------------------------------------- checkpoint
-  preemption = checkpoint_manager.Preemption()  # SIGTERM -> checkpoint at the end of the step, exit
-
-  # ------------------------------------------------------------------------------------------ evals
-  eval_fn = jax.jit(make_eval_step(layout, cfg), out_shardings=sharding.replicated(mesh))
-
-  def run_eval(step):
-    if not data.has_eval:
-      return {}
-    t0 = time.perf_counter()
-    res = evaluate(eval_fn, state, data.eval_batches(), mesh)
-    writer.write(step, {f"val/{k}": v for k, v in res.items()})
-    logging.info("step %d validation %s (%.1fs)", step, _fmt(res), time.perf_counter() - t0)
-    return res
-
-  # ------------------------------------------------------------------------------------------- loop
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer.writer,
-                                           every_steps=cfg.log_every)]
-  if cfg.get("profile_steps") and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
-                                          profile_duration_ms=None, every_secs=None,
-                                          first_profile=start + cfg.get("profile_first", 5)))
+  # ---------------------------------------------------------------------------------------- metrics
+  writer = metrics_lib.MetricsWriter(workdir, start_step=start)
+  peak, peak_src = metrics_lib.peak_flops(cfg.model.dtype)
+  logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_src)
+  timer = StepTimer(peak)
   limit = int(cfg.get("nonfinite_limit", 10))
   summary: dict[str, Any] = {"start_step": start}
-  window = dict(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0, tokens=0.0, images=0.0)
 
   def handle_metrics(step: int, m: Mapping[str, Any], step_flops: float) -> None:
     """Host side of a finished step, in step order and one step behind the dispatch: the non-finite
@@ -124,78 +145,87 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                       "(%d in a row, %d total)", step, m["loss"], m["grad_norm"],
                       m["nonfinite_consecutive"], m["nonfinite_total"])
       if m["nonfinite_consecutive"] >= limit:
-        ckpts.close()
-        writer.close()
-        preemption.restore_handler()
-        raise NonFiniteError(
+        raise train_step.NonFiniteError(
             f"{limit} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping. "
             f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
             f"{ckpts.directory}. Lower optim.lr, check the data, or raise nonfinite_limit.")
-    if step == start + 1:  # the first step compiles: report it, keep it out of the rates
-      window.update(t=time.perf_counter(), wait=0.0, compile_time=summary["first_step_seconds"])
-    else:
-      window["steps"] += 1
-      window["flops"] += step_flops
-      window["tokens"] += m["text_tokens"]
-      window["images"] += m.get("images", 0.0)
+    if step > start + 1:  # the first step compiles: StepTimer.first_step has it
+      timer.step(step_flops, m["text_tokens"], m.get("images", 0.0))
     if step % cfg.log_every and step != cfg.total_steps:
       return
-    dt = time.perf_counter() - window["t"]
-    if "compile_time" in window:  # on the first logged step
-      m["compile_time"] = window.pop("compile_time")
-    if window["steps"]:
-      m.update(step_time=dt / window["steps"], input_wait=window["wait"] / window["steps"],
-               input_wait_fraction=window["wait"] / dt, text_tokens_per_s=window["tokens"] / dt,
-               images_per_s=window["images"] / dt, model_tflops_per_s=window["flops"] / dt / 1e12,
-               mfu=(window["flops"] / dt / peak) if peak else 0.0)
+    m.update(timer.window())
     writer.write(step, m)
     logging.info("step %d loss %.6f %s", step, m["loss"], _fmt(m, skip=("loss",)))
     summary["last_metrics"] = m
-    window.update(t=time.perf_counter(), wait=0.0, flops=0.0, steps=0, tokens=0.0, images=0.0)
 
-  step, last_eval, pending, pending_save = start, None, None, False
-  while step < cfg.total_steps:
+  # ------------------------------------------------------------------------------------------ evals
+  eval_fn = jax.jit(train_step.make_eval_step(layout, cfg), out_shardings=sharding.replicated(mesh))
+
+  def run_eval(state, step: int) -> dict[str, float]:
+    if not data.has_eval:
+      return {}
     t0 = time.perf_counter()
-    host_batch = next(train_iter)
-    window["wait"] += time.perf_counter() - t0
-    first = not compiled
-    (state, m), step_flops = run_step(state, host_batch)
-    step += 1
-    if first:
-      jax.block_until_ready(m)
-      summary["first_step_seconds"] = time.perf_counter() - t0
-      logging.info("First step (compile + run) took %.1fs", summary["first_step_seconds"])
-    if pending is not None:
-      handle_metrics(*pending)  # the previous step: the device is busy with this one meanwhile
-    pending = (step, m, step_flops)
-    for h in hooks:
-      h(step)
-    preempted = preemption.reached(step)
-    if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted or pending_save:
-      pending_save = bool(jax.device_get(m["nonfinite_consecutive"]))  # never save in a bad streak
-      if not pending_save:
+    res = train_step.evaluate(eval_fn, state, data.eval_batches(), mesh)
+    writer.write(step, {f"val/{k}": v for k, v in res.items()})
+    logging.info("step %d validation %s (%.1fs)", step, _fmt(res), time.perf_counter() - t0)
+    return res
+
+  # ------------------------------------------------------------------------------------------- loop
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (CLU imports TensorFlow)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer.writer,
+                                           every_steps=cfg.log_every)]
+  if cfg.get("profile_steps") and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
+                                          profile_duration_ms=None, every_secs=None,
+                                          first_profile=start + cfg.get("profile_first", 5)))
+  preemption = checkpoint_manager.Preemption()  # SIGTERM -> checkpoint at the end of the step, exit
+  step, last_eval, pending, pending_save = start, None, None, False
+  try:
+    with jax.set_mesh(mesh):  # activation sharding constraints (sharding.constrain) are on while tracing
+      while step < cfg.total_steps:
+        t0 = time.perf_counter()
+        host_batch = next(train_iter)
+        timer.waited(time.perf_counter() - t0)
+        first = not compiled
+        (state, m), step_flops = run_step(state, host_batch)
+        step += 1
+        if first:
+          jax.block_until_ready(m)
+          summary["first_step_seconds"] = time.perf_counter() - t0
+          timer.first_step(summary["first_step_seconds"])
+          logging.info("First step (compile + run) took %.1fs", summary["first_step_seconds"])
+        if pending is not None:
+          handle_metrics(*pending)  # the previous step: the device is busy with this one meanwhile
+        pending = (step, m, step_flops)
+        for h in hooks:
+          h(step)
+        preempted = preemption.reached(step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted or pending_save:
+          pending_save = bool(jax.device_get(m["nonfinite_consecutive"]))  # never save in a bad streak
+          if not pending_save:
+            handle_metrics(*pending)
+            pending = None
+            ckpts.save(step, state, train_iter, cfg)
+        if cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+          summary["eval"] = run_eval(state, step)
+          last_eval = step
+        if preempted:
+          logging.warning("Preempted: checkpoint %d saved, exiting.", step)
+          summary["preempted"] = True
+          break
+      if pending is not None:
         handle_metrics(*pending)
-        pending = None
-        ckpts.save(step, state, train_iter, cfg)
-    if cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-      summary["eval"] = run_eval(step)
-      last_eval = step
-    if preempted:
-      logging.warning("Preempted: checkpoint %d saved, exiting.", step)
-      summary["preempted"] = True
-      break
-  if pending is not None:
-    handle_metrics(*pending)
-  if step == cfg.total_steps and last_eval != step and data.has_eval:
-    summary["eval"] = run_eval(step)
-  ckpts.close()
-  writer.close()
-  preemption.restore_handler()
+      if step == cfg.total_steps and last_eval != step and data.has_eval:
+        summary["eval"] = run_eval(state, step)
+  finally:  # also on an exception: finish (or abandon) the async save, flush metrics, restore SIGTERM
+    ckpts.close()
+    writer.close()
+    preemption.restore_handler()
   summary.update(step=step, state=state)
   return summary
 
 
-def _batch_flops(cfg, batch: Batch, towers: Mapping[str, bool]) -> float:
+def _batch_flops(cfg, batch: train_step.Batch, towers: Mapping[str, bool]) -> float:
   b, t = batch["inputs"].shape
   images = batch.get("images")
   shape = None if images is None else tuple(images.shape[1:5])

@@ -140,8 +140,7 @@ def jit_step(step: Callable, layout: train_state.Layout, batch: Batch) -> Callab
 def to_global(host_batch: Batch, mesh) -> dict:
   """This process's numpy batch -> global jax arrays sharded over (data, fsdp). Only the model inputs
   and eval labels go to the devices; host-only fields (e.g. record_index) stay behind."""
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in host_batch.items() if k in DEVICE_KEYS}
+  return {k: sharding.host_to_global(v, mesh) for k, v in host_batch.items() if k in DEVICE_KEYS}
 
 
 # ====================================================================================================

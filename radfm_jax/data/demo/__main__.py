@@ -7,7 +7,7 @@ import sys
 
 from absl import app, flags
 
-from radfm_jax.data import demo
+from radfm_jax.data import demo, schema
 from radfm_jax.data.ingest import build
 
 
@@ -17,7 +17,7 @@ def main(argv):
   f = flags.FLAGS
   report = demo.make_demo(f.out, n=f.n, seed=f.seed, workers=f.workers, progress=f.progress)
   print(build.summary(report, os.path.join(f.out, "store")))
-  sys.exit(min(report["n_failed"], build.MAX_EXIT_STATUS))
+  sys.exit(schema.exit_status(report["n_failed"]))
 
 
 if __name__ == "__main__":

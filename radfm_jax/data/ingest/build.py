@@ -37,7 +37,7 @@ from radfm_jax.data import readers, schema
 from radfm_jax.data.store import StoreWriter
 
 READER_VERSION = 1      # part of every key: bump when readers change what a file turns into
-MAX_EXIT_STATUS = 100
+MAX_EXIT_STATUS = schema.MAX_EXIT_STATUS
 
 
 @dataclasses.dataclass(frozen=True)
