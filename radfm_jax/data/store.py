@@ -187,6 +187,12 @@ class StoreWriter:
     self._keys: dict[str, None] = {}              # referenced volumes, in first-use order
     self._entries: dict[str, dict[str, Any]] = {}
     self._lock = threading.Lock()
+    self._key_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+  def key_lock(self, key: str) -> threading.Lock:
+    """A lock per volume key: threads storing the same content (duplicate files) take turns."""
+    with self._lock:
+      return self._key_locks[key]
 
   def has_volume(self, key: str) -> bool:
     """True when volume `key` was written completely (by this or an earlier build)."""
@@ -204,7 +210,11 @@ class StoreWriter:
     if array.ndim != 4:
       raise ValueError(f"volume {key}: expected [H, W, D, C], got shape {array.shape}")
     metadata = zarr_metadata(array.shape, array.dtype, self.chunks, self.codec)
-    arr = ts.open({**_array_spec(self._base, key, metadata), "create": True, "delete_existing": True}).result()
+    spec = _array_spec(self._base, key, metadata)
+    try:   # every chunk is rewritten (all-fill chunks are deleted), so a partial or damaged earlier
+      arr = ts.open({**spec, "create": True, "open": True}).result()   # write needs no delete, and
+    except ValueError:                                                 # concurrent writers of one key agree
+      arr = ts.open({**spec, "create": True, "delete_existing": True}).result()  # other metadata
     arr.write(np.ascontiguousarray(array)).result()
     entry = {"key": key, "shape": list(array.shape), "dtype": array.dtype.name, "meta": meta,
              "zarr": metadata, "crc32": checksum(array)}

@@ -140,17 +140,19 @@ def _run_job(job: ScanJob, src_root: str, writer: StoreWriter, limits: readers.L
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     return _Result(reason=f"missing image: {missing[0]}{more} does not exist under the source root")
+  target = abs_paths if isinstance(job.path, tuple) else abs_paths[0]
   try:
+    readers.check_claims(target, limits)   # header-only: a crafted header costs no hashing either
     digest = content_hash(abs_paths, job.index)
     key = digest[:32]
-    damage = None
-    if writer.has_volume(key):
-      damage = writer.check_volume(key) if verify else None
-      if damage is None:
-        return _Result(key, digest)
-    target = abs_paths if isinstance(job.path, tuple) else abs_paths[0]
-    vol = readers.read_scan(target, job.index, limits)
-    writer.write_volume(key, vol.array, vol.meta)
+    with writer.key_lock(key):
+      damage = None
+      if writer.has_volume(key):
+        damage = writer.check_volume(key) if verify else None
+        if damage is None:
+          return _Result(key, digest)
+      vol = readers.read_scan(target, job.index, limits)
+      writer.write_volume(key, vol.array, vol.meta)
     return _Result(key, digest, written=True, repaired=damage)
   except readers.ReadError as e:
     return _Result(reason=str(e))

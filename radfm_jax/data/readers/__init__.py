@@ -28,8 +28,8 @@ from radfm_jax.data.readers import dicom, image, nifti, npy
 from radfm_jax.data.readers.limits import Limits, TooLarge
 from radfm_jax.data.readers.volume import META_KEYS, NotAnImage, ReadError, Volume
 
-__all__ = ["META_KEYS", "Limits", "NotAnImage", "ReadError", "TooLarge", "Volume", "kind_of", "n_items",
-           "not_regular", "read_scan"]
+__all__ = ["META_KEYS", "Limits", "NotAnImage", "ReadError", "TooLarge", "Volume", "check_claims", "kind_of",
+           "n_items", "not_regular", "read_scan"]
 
 PathLike = str | os.PathLike
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -81,6 +81,20 @@ def n_items(path: PathLike) -> int:
   if kind == "npy":
     return npy.n_scans(os.fspath(path))
   return 1
+
+
+def check_claims(path: PathLike | Sequence[PathLike], limits: Limits | None = None) -> None:
+  """Header-only pre-check of a single file: raises the TooLarge (or ReadError) read_scan would raise
+  for a header that claims more than the file holds or the cap allows, without decoding anything
+  (a build runs it before hashing a file's bytes). Folders and series lists are checked by read_scan."""
+  if isinstance(path, (list, tuple)):
+    return
+  path = os.fspath(path)
+  kind = kind_of(path)
+  check = {"nifti": nifti.check_nifti, "npy": npy.check_npy, "image": image.check_image,
+           "dicom": dicom.check_file}.get(kind)
+  if check is not None:
+    check(path, limits)
 
 
 def read_scan(path: PathLike | Sequence[PathLike], index: int | None = None,

@@ -146,6 +146,18 @@ def check_claim(path: str, ds: pydicom.Dataset) -> None:
                f"{frames} frame(s) x {rows} x {cols} x {samples} sample(s) x {bits} bits")
 
 
+def check_file(path: str, limits: Limits | None = None) -> None:
+  """Header-only: raises what read_series([path]) would for a header claiming too much."""
+  ds = _header(path)
+  if "Rows" not in ds:
+    return
+  check_claim(path, ds)
+  channels = 3 if _int(ds, "SamplesPerPixel", 1, path) == 3 or ds.get("PhotometricInterpretation") == \
+      "PALETTE COLOR" else 1
+  (limits or DEFAULT).check(path, [_int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path), _n_frames(ds, path),
+                                   channels], max(1, _int(ds, "BitsAllocated", 16, path) // 8), "series")
+
+
 def _frames_of(path: str, ds: pydicom.Dataset) -> list[_Frame]:
   """One _Frame per 2D image in the file."""
   n = _n_frames(ds, path)

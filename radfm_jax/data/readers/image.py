@@ -43,6 +43,19 @@ def _page(page: Image.Image) -> np.ndarray:
   return np.asarray(page.convert("RGB"))
 
 
+def check_image(path: str, limits: Limits | None = None) -> None:
+  """Header-only: raises what read_image would for a picture claiming too much (or not a picture)."""
+  try:
+    with Image.open(path) as img:
+      _check_size(path, img, limits or DEFAULT)
+  except ReadError:
+    raise
+  except Image.DecompressionBombError as e:
+    raise TooLarge(f"{path}: refused by pillow's decompression-bomb guard ({e})") from None
+  except Exception:  # noqa: BLE001 - unidentified or corrupt: read_image reports it
+    return
+
+
 def read_image(path: str, limits: Limits | None = None) -> Volume:
   try:
     with Image.open(path) as img:

@@ -70,7 +70,7 @@ def check_header(path: str, hdr: nib.Nifti1Header, limits: Limits, volume: bool)
   else:
     check_fits(path, offset + math.prod(shape) * dtype.itemsize, os.path.getsize(path),
                f"shape {shape} of {dtype} at offset {offset}")
-  limits.check(path, shape[:3] if volume else shape, itemsize, "volume" if volume else "image")
+  limits.check(path, shape[:3] if volume else shape, itemsize, "volume")
 
 
 def n_volumes(path: str) -> int:
@@ -99,9 +99,14 @@ def display_to_ras(array: np.ndarray, spacing: tuple[float, float, float],
   return np.ascontiguousarray(data), affine
 
 
-def read_nifti(path: str, index: int | None = None, limits: Limits | None = None) -> Volume:
+def check_nifti(path: str, limits: Limits | None = None) -> None:
+  """Header-only: raises what read_nifti would for a header claiming too much."""
   hdr = peek_header(path)
   check_header(path, hdr, limits or DEFAULT, volume=len(hdr.get_data_shape()) >= 4)
+
+
+def read_nifti(path: str, index: int | None = None, limits: Limits | None = None) -> Volume:
+  check_nifti(path, limits)
   try:
     img = nib.load(path)
   except Exception as e:  # noqa: BLE001 - nibabel raises many types for bad headers

@@ -54,9 +54,14 @@ def n_scans(path: str) -> int:
   return shape[0] if len(shape) == 5 else 1
 
 
-def read_npy(path: str, index: int | None = None, limits: Limits | None = None) -> Volume:
+def check_npy(path: str, limits: Limits | None = None) -> None:
+  """Header-only: raises what read_npy would for a header claiming too much (or a refused dtype)."""
   shape, dtype = peek(path)
   (limits or DEFAULT).check(path, shape[1:] if len(shape) == 5 else shape, dtype.itemsize, "array")
+
+
+def read_npy(path: str, index: int | None = None, limits: Limits | None = None) -> Volume:
+  check_npy(path, limits)
   try:
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
   except Exception as e:  # noqa: BLE001 - bad header, truncated data, pickled objects
