@@ -49,6 +49,18 @@ def dicom_claiming(path, *, frames=None, rows=None, cols=None, source="CT_small.
   return path
 
 
+def dicom_with_long_value(path):
+  """A real DICOM with a private OB element, just before the pixel data, claiming a 4 GiB value."""
+  ds = pydicom.dcmread(dcm("CT_small.dcm"))
+  ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"     # its own series, not CT_small's
+  ds.save_as(path)
+  blob = open(path, "rb").read()
+  at = blob.index(b"\xe0\x7f\x10\x00")                          # (7FE0,0010) Pixel Data
+  element = struct.pack("<HH", 0x0029, 0x1010) + b"OB\x00\x00" + struct.pack("<I", 0xFFFFFFF0)
+  open(path, "wb").write(blob[:at] + element + blob[at:])
+  return path
+
+
 def nifti_claiming(path, shape, dtype=np.int16, vox_offset=352, data=b"\x01\x00" * 64):
   """A NIfTI-1 header claiming `shape`, followed by a few bytes of data (gzipped for .nii.gz)."""
   hdr = nib.Nifti1Header()
@@ -98,12 +110,18 @@ def good_png(path, seed=0):
   return path
 
 
+_PEAK = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_KIB', "
+         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+         "runpy.run_module('radfm_jax.data.build', run_name='__main__', alter_sys=True)")
+
+
 def _cli(*args, limit_as=None, **kw):
+  """The build CLI in a subprocess (under RLIMIT_AS = limit_as; it prints its peak RSS on stderr)."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   def limit():
     if limit_as:
       resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
-  return subprocess.run([sys.executable, "-m", "radfm_jax.data.build", "--noprogress", *args],
+  return subprocess.run([sys.executable, "-c", _PEAK, "--noprogress", *args],
                         capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit,
                         **{"timeout": 180, **kw})
 
@@ -130,6 +148,9 @@ def test_dicom_header_claims_checked_before_allocation(tmp_path):
   with pytest.raises(TooLarge, match=r"CT5N: series of shape \[16, 16, 5, 1\]"):
     read_scan(CT5N, limits=Limits(max_voxels=1000))
   assert read_scan(CT5N, limits=Limits(max_voxels=1280)).array.shape == (16, 16, 5, 1)
+  # a value length of 4 GiB is never read (values over 1 MiB are deferred and this one is never asked for)
+  with pytest.raises(ReadError, match=r"long\.dcm: cannot decode pixel data.*no 'Pixel Data'"):
+    read_scan(dicom_with_long_value(tmp_path / "long.dcm"))
   bad = pydicom.dcmread(dcm("CT_small.dcm"))
   bad.NumberOfFrames = "12"
   bad.save_as(tmp_path / "nf_text.dcm")
@@ -233,20 +254,19 @@ def test_build_under_a_memory_limit_records_hostile_scans(tmp_path):
   nifti_claiming(src / "bomb.nii.gz", (4096, 4096, 4096), np.float32)
   npy_claiming(src / "sparse.npy", (1024, 1024, 1050), sparse_bytes=128 + 1024 * 1024 * 1050 * 4)
   png_claiming(src / "bomb.png", 100_000, 100_000)
+  dicom_with_long_value(src / "long.dcm")
   out = tmp_path / "store"
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   t = time.time()
   proc = _cli("--from=files", f"--src={src}", f"--out={out}", "--workers=2", limit_as=3 << 30)
   assert time.time() - t < 60     # headers are checked before a byte is hashed (the sparse file: 4 GiB)
-  peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  peak_kib = int(re.search(r"PEAK_KIB (\d+)", proc.stderr).group(1))
+  assert peak_kib < 1 << 20, f"peak RSS {peak_kib} KiB"   # < 1 GiB (measured ~0.1 GiB)
   report = Store.open(str(out)).report
-  assert proc.returncode == report["n_failed"] == 5, proc.stdout + proc.stderr
+  assert proc.returncode == report["n_failed"] == 6, proc.stdout + proc.stderr
   assert report["n_records"] == 1 and [r["id"] for r in Store.open(str(out)).records()] == ["good.png"]
   reasons = _reasons(report)
-  assert set(reasons) == {"frames.dcm", "j2k.dcm", "bomb.nii.gz", "sparse.npy", "bomb.png"}
-  assert all(re.search("claims|size cap|bomb", r) for r in reasons.values()), reasons
-  if peak_kib > before:      # RUSAGE_CHILDREN is the max over all children so far
-    assert peak_kib < 1 << 20, f"peak RSS {peak_kib} KiB"
+  assert set(reasons) == {"frames.dcm", "j2k.dcm", "bomb.nii.gz", "sparse.npy", "bomb.png", "long.dcm"}
+  assert all(re.search("claims|size cap|bomb|no 'Pixel Data'", r) for r in reasons.values()), reasons
 
 
 # ------------------------------------------------------------------- a build survives any bad item

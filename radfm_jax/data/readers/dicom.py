@@ -302,7 +302,7 @@ def read_series(paths: Sequence[str], where: str | None = None, limits: Limits |
   order = {(f.path, f.frame): k for k, f in enumerate(frames)}
   for p in dict.fromkeys(f.path for f in frames):
     try:
-      ds = pydicom.dcmread(p)
+      ds = pydicom.dcmread(p, defer_size=_DEFER)   # unread: values no one asks for (a crafted length)
     except Exception as e:  # noqa: BLE001
       raise ReadError(f"{where}: cannot read {p} ({type(e).__name__}: {e})") from None
     arr = _pixels(ds, where)
