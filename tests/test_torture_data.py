@@ -89,7 +89,8 @@ def png_claiming(path, width, height):
   def chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
   ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-  blob = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+  blob = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+          + chunk(b"IEND", b""))
   with open(path, "wb") as f:
     f.write(blob)
   return path

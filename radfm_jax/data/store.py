@@ -83,6 +83,7 @@ MANIFEST = ("volumes.jsonl", "records.jsonl", "report.json")
 
 class EmptyBuild(ValueError):
   """A build that stored no records would replace a manifest that holds some."""
+  report: dict[str, Any] | None = None     # the refused build's report (set by build.ingest_samples)
 
 
 class DamagedStore(ValueError):
@@ -211,10 +212,13 @@ class StoreWriter:
       raise ValueError(f"volume {key}: expected [H, W, D, C], got shape {array.shape}")
     metadata = zarr_metadata(array.shape, array.dtype, self.chunks, self.codec)
     spec = _array_spec(self._base, key, metadata)
-    try:   # every chunk is rewritten (all-fill chunks are deleted), so a partial or damaged earlier
-      arr = ts.open({**spec, "create": True, "open": True}).result()   # write needs no delete, and
-    except ValueError:                                                 # concurrent writers of one key agree
-      arr = ts.open({**spec, "create": True, "delete_existing": True}).result()  # other metadata
+    # Open-or-create, then overwrite every chunk (chunks that are all fill value get deleted): a partial
+    # or damaged earlier write is replaced without deleting the volume under a concurrent writer of the
+    # same key. Other metadata, or a damaged zarr.json, means starting over.
+    try:
+      arr = ts.open({**spec, "create": True, "open": True}).result()
+    except ValueError:
+      arr = ts.open({**spec, "create": True, "delete_existing": True}).result()
     arr.write(np.ascontiguousarray(array)).result()
     entry = {"key": key, "shape": list(array.shape), "dtype": array.dtype.name, "meta": meta,
              "zarr": metadata, "crc32": checksum(array)}

@@ -59,7 +59,8 @@ def discover(src: str) -> tuple[list[Scan], list[dict[str, str]], list[dict[str,
   rel = lambda p: os.path.relpath(p, src)  # noqa: E731
 
   def unreadable(err: OSError) -> None:
-    bad.append({"path": printable(rel(err.filename or src)), "reason": f"cannot list the folder: {err.strerror}"})
+    bad.append({"path": printable(rel(err.filename or src)),
+                "reason": f"cannot list the folder: {err.strerror}"})
 
   for dirpath, dirnames, filenames in os.walk(src, onerror=unreadable):
     dirnames.sort()
@@ -70,7 +71,7 @@ def discover(src: str) -> tuple[list[Scan], list[dict[str, str]], list[dict[str,
         continue
       what = readers.not_regular(full)
       if what in ("a dangling symlink", "a symlink loop"):
-        bad.append({"path": rel(full), "reason": f"{what}"})
+        bad.append({"path": rel(full), "reason": what})
         continue
       if what is not None:
         skipped.append({"path": rel(full), "reason": f"{what}, not a regular file (never opened)"})
@@ -126,9 +127,10 @@ def _image_refs(row: dict[str, Any]) -> list[schema.ImageRef]:
       unknown = set(im) - {"path", "field", "char", "index"}
       if unknown:
         raise ValueError(f"images[{i}] has unknown keys {sorted(unknown)}")
+      index = im.get("index")
       refs.append(schema.ImageRef(path=im["path"], field=im.get("field", "question"),
                                   char=_count(im.get("char", 0), f"images[{i}].char"),
-                                  index=None if im.get("index") is None else _count(im["index"], f"images[{i}].index")))
+                                  index=None if index is None else _count(index, f"images[{i}].index")))
     return refs
   image = row.get("image", [])
   paths = image if isinstance(image, list) else [image]
