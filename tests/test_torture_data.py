@@ -26,6 +26,7 @@ from radfm_jax.data import store as store_lib
 from radfm_jax.data.ingest import build, files
 from radfm_jax.data.readers import Limits, ReadError, TooLarge, read_scan
 from radfm_jax.data.store import DamagedStore, EmptyBuild, Store, StoreWriter
+from radfm_jax.inference import inputs as generate_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CT5N = os.path.join(os.path.dirname(get_testdata_file("CT_small.dcm", download=False)), "dicomdirtests",
@@ -238,7 +239,6 @@ def test_fifo_and_device_are_never_opened(tmp_path):
 
 
 def test_generate_image_goes_through_the_same_checks(tmp_path):
-  from radfm_jax import generate_inputs  # noqa: PLC0415 - pulls in the model stack; only this test needs it
   arg = generate_inputs.parse_image(str(dicom_claiming(tmp_path / "h.dcm", frames=50_000_000)))
   with pytest.raises(TooLarge, match=r"h\.dcm: the header claims"):
     arg.read()
