@@ -112,8 +112,9 @@ def good_png(path, seed=0):
   return path
 
 
-_PEAK = ("import atexit, resource, runpy, sys; atexit.register(lambda: print('PEAK_KIB', "
-         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+# The build's own peak RSS: VmHWM of its address space (ru_maxrss would carry the forking parent's).
+_PEAK = ("import atexit, re, runpy, sys; atexit.register(lambda: print('PEAK_KIB', "
+         "re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), file=sys.stderr)); "
          "runpy.run_module('radfm_jax.data.build', run_name='__main__', alter_sys=True)")
 
 
