@@ -82,9 +82,9 @@ def test_files_mode_round_trip_and_idempotent_rerun(real_tree, tmp_path):
     assert meta["shape"] == list(vol.array.shape) and meta.get("spacing") == vol.meta.get("spacing")
     assert meta.get("orientation") == vol.meta.get("orientation") and meta["unit"] == vol.meta["unit"]
     assert key == prov["hash"][:32]
-  assert report["volumes"] == {"written": 9, "reused": 0, "failed": 0}
+  assert report["volumes"] == {"written": 9, "reused": 0, "failed": 0, "repaired": 0}
   again = _ingest_folder(real_tree, out, workers=0)
-  assert again["volumes"] == {"written": 0, "reused": 9, "failed": 0}
+  assert again["volumes"] == {"written": 0, "reused": 9, "failed": 0, "repaired": 0}
   assert Store.open(str(out)).records() == records
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from absl import app, flags
 
-from radfm_jax.data import schema
+from radfm_jax.data import readers, schema
 from radfm_jax.data.ingest import adapters, build, files
+from radfm_jax.data.store import EmptyBuild
 
 FLAGS = flags.FLAGS
 
@@ -41,6 +42,13 @@ def define_flags() -> None:
   flags.DEFINE_string("codec", None, "zstd:L | blosc:CNAME:L[:SHUFFLE] | raw (default store.DEFAULT_CODEC)")
   flags.DEFINE_bool("redact_paths", False, "record hashes of source paths instead of the paths")
   flags.DEFINE_bool("progress", True, "show a progress bar")
+  flags.DEFINE_integer("max_voxels", readers.limits.DEFAULT_MAX_VOXELS,
+                       "size cap per scan in values (H x W x D x C); larger scans are failures")
+  flags.DEFINE_integer("max_bytes", readers.limits.DEFAULT_MAX_BYTES,
+                       "size cap per scan in bytes of decoded data; larger scans are failures")
+  flags.DEFINE_bool("verify", False, "decode and checksum stored volumes before reusing them; rewrite "
+                    "damaged ones")
+  flags.DEFINE_bool("allow_empty", False, "let a build that stores no records replace a manifest that has some")
 
 
 def build_from_flags() -> dict[str, Any]:
@@ -50,7 +58,8 @@ def build_from_flags() -> dict[str, Any]:
     raise app.UsageError("--src and --out are required")
   common = dict(out=f.out, workers=f.workers, pool=f.pool,
                 chunks=tuple(int(c) for c in f.chunks) if f.chunks else None,
-                codec=f.codec, progress=f.progress, redact_paths=f.redact_paths)
+                codec=f.codec, progress=f.progress, redact_paths=f.redact_paths, verify=f.verify,
+                allow_empty=f.allow_empty, limits=readers.Limits(f.max_voxels, f.max_bytes))
   if f["from"].value == "files":
     samples, skipped, total = files.samples_from_folder(f.src, text=f.text, redact=f.redact_paths)
     return build.ingest_samples(samples, src_root=f.src, skipped=skipped, total=total, **common)
@@ -74,7 +83,12 @@ def build_from_flags() -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  report = build_from_flags()
+  try:
+    report = build_from_flags()
+  except EmptyBuild as e:
+    print(build.summary(e.report, FLAGS.out))
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(max(1, schema.exit_status(e.report["n_failed"])))
   print(build.summary(report, FLAGS.out))
   sys.exit(schema.exit_status(report["n_failed"]))
 

@@ -10,6 +10,7 @@ that text (`char == len(text)` puts it at the end). The tokenizer splices the 34
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 # Batch jobs (data.build, data.demo, generate --batch_file, eval.radbench) exit with the number of
@@ -62,6 +63,21 @@ class Sample:
     where = f"sample {self.id!r}"
     if not self.id:
       raise ValueError("sample with empty id")
+    texts = {"id": self.id, "question": self.question, "answer": self.answer, "source": self.source}
+    texts.update({f"image {i} path": p for i, im in enumerate(self.images)
+                  for p in (im.path if isinstance(im.path, (list, tuple)) else [im.path]) if isinstance(p, str)})
+    for name, text in texts.items():
+      if not isinstance(text, str):
+        raise ValueError(f"{where}: {name} must be a string, got {type(text).__name__}")
+      try:
+        text.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: {name} is not valid Unicode (lone surrogate {text[e.start]!r} at "
+                         f"{e.start})") from None
+    try:
+      json.dumps(self.meta, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{where}: meta cannot be stored as JSON ({type(e).__name__}: {e})") from None
     if self.task not in TASKS:
       raise ValueError(f"{where}: task {self.task!r} is not one of {TASKS}")
     if self.split not in SPLITS:
@@ -90,5 +106,5 @@ class Sample:
 class RowError:
   """An unreadable source row, yielded by adapters in place of a Sample so the build records it and goes on."""
   source: str      # source file (relative to the source root)
-  row: int | str   # row index or id within it
+  row: int | str | None  # row index or id within it; None when the source is a file of its own
   reason: str

@@ -4,7 +4,8 @@ Layout under ROOT (a local path, or a kvstore URL / JSON spec: "gs://bucket/pref
 "file:///abs/path/"; see TensorStore's kvstore drivers; local disk is what the tests cover):
 
   ROOT/info.json                 {"schema_version", "counts": {records, volumes, by_split, by_task},
-                                  "chunks", "codec"}; written last, so its presence means "complete"
+                                  "chunks", "codec", "manifest": {file: {"sha256", "bytes"}}};
+                                  written last, so its presence means "complete"
   ROOT/records.jsonl             one manifest record per line (schema.Sample.to_record): id, split,
                                   source, task, question, answer, images [{key, field, char}], meta,
                                   provenance {images: [{path, index, hash}]}
@@ -12,8 +13,17 @@ Layout under ROOT (a local path, or a kvstore URL / JSON spec: "gs://bucket/pref
                                   "zarr"}: what the pipeline needs (shapes for bucketing) in one read
   ROOT/report.json               the build report (failures with relative paths and reasons, counts)
   ROOT/volumes/KEY/              a zarr3 array [H, W, D, C] in the reader's dtype, chunked and compressed
-  ROOT/volumes/KEY/meta.json     the volume's entry; written after the array data, so it marks the
-                                  volume complete (an interrupted write is redone on the next build)
+  ROOT/volumes/KEY/meta.json     the volume's entry (+ "crc32" of the array bytes); written after the
+                                  array data, so it marks the volume complete (an interrupted write is
+                                  redone on the next build)
+
+Commit: a build first deletes info.json, then writes volumes.jsonl, records.jsonl and report.json, and
+info.json last with the sha256 and size of each. `Store.open` checks them, so a build killed between
+the manifest files and info.json leaves either no info.json ("did not finish") or one that does not
+match ("interrupted"), never an old info.json that vouches for new records. A build that stored no
+records does not replace a manifest holding records (`EmptyBuild`) unless `allow_empty=True`.
+`StoreWriter.check_volume(key)` decodes a stored volume and compares its checksum (build --verify
+rewrites volumes that fail).
 
 Keys are content addresses (a hash of the source bytes, see build.py), so a re-run skips what is
 stored and identical scans are stored once. A build rewrites the manifest files; volumes that are no
@@ -51,9 +61,11 @@ travels with each volume, so stores written with other choices read the same.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import threading
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -66,6 +78,16 @@ DEFAULT_CHUNKS = (128, 128, 32)
 DEFAULT_CODEC = "blosc:zstd:1:bitshuffle"
 _CONTEXT = {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 2},
             "file_io_concurrency": {"limit": 8}}
+MANIFEST = ("volumes.jsonl", "records.jsonl", "report.json")
+
+
+class EmptyBuild(ValueError):
+  """A build that stored no records would replace a manifest that holds some."""
+  report: dict[str, Any] | None = None     # the refused build's report (set by build.ingest_samples)
+
+
+class DamagedStore(ValueError):
+  """The manifest files do not match what info.json recorded (an interrupted build, or edited files)."""
 
 
 def kvstore_spec(root: str | os.PathLike | dict[str, Any]) -> ts.KvStore.Spec:
@@ -128,11 +150,24 @@ def _read_jsonl(kv: ts.KvStore, name: str) -> list[dict[str, Any]]:
   result = kv.read(name).result()
   if result.state != "value":
     return []
-  return [json.loads(line) for line in result.value.decode().splitlines() if line.strip()]
+  return _parse_jsonl(result.value)
+
+
+def _parse_jsonl(blob: bytes) -> list[dict[str, Any]]:
+  return [json.loads(line) for line in blob.decode().splitlines() if line.strip()]
 
 
 def _dumps(obj: Any) -> bytes:
   return json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()
+
+
+def checksum(array: np.ndarray) -> str:
+  """CRC-32 of an array's bytes in C order (what a volume's "crc32" records)."""
+  return f"{zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1)):08x}"
+
+
+def _digest(blob: bytes) -> dict[str, Any]:
+  return {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
 
 
 class StoreWriter:
@@ -148,9 +183,17 @@ class StoreWriter:
     zarr_metadata((1, 1, 1, 1), np.int16, self.chunks, self.codec)
     self._base = kvstore_spec(root)
     self._kv = ts.KvStore.open(self._base).result()
-    self._records: list[dict[str, Any]] = []
+    self._lines: list[bytes] = []                 # records, serialized when added
+    self._kinds: list[tuple[str, str]] = []       # their (split, task)
+    self._keys: dict[str, None] = {}              # referenced volumes, in first-use order
     self._entries: dict[str, dict[str, Any]] = {}
     self._lock = threading.Lock()
+    self._key_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+  def key_lock(self, key: str) -> threading.Lock:
+    """A lock per volume key: threads storing the same content (duplicate files) take turns."""
+    with self._lock:
+      return self._key_locks[key]
 
   def has_volume(self, key: str) -> bool:
     """True when volume `key` was written completely (by this or an earlier build)."""
@@ -168,39 +211,78 @@ class StoreWriter:
     if array.ndim != 4:
       raise ValueError(f"volume {key}: expected [H, W, D, C], got shape {array.shape}")
     metadata = zarr_metadata(array.shape, array.dtype, self.chunks, self.codec)
-    arr = ts.open({**_array_spec(self._base, key, metadata), "create": True, "delete_existing": True}).result()
+    spec = _array_spec(self._base, key, metadata)
+    # Open-or-create, then overwrite every chunk (chunks that are all fill value get deleted): a partial
+    # or damaged earlier write is replaced without deleting the volume under a concurrent writer of the
+    # same key. Other metadata, or a damaged zarr.json, means starting over.
+    try:
+      arr = ts.open({**spec, "create": True, "open": True}).result()
+    except ValueError:
+      arr = ts.open({**spec, "create": True, "delete_existing": True}).result()
     arr.write(np.ascontiguousarray(array)).result()
     entry = {"key": key, "shape": list(array.shape), "dtype": array.dtype.name, "meta": meta,
-             "zarr": metadata}
+             "zarr": metadata, "crc32": checksum(array)}
     self._kv.write(f"volumes/{key}/meta.json", _dumps(entry)).result()
     with self._lock:
       self._entries[key] = entry
     return entry
 
+  def check_volume(self, key: str) -> str | None:
+    """None when volume `key` decodes to its recorded shape, dtype and checksum; else what is wrong.
+    (Volumes written before checksums were recorded are checked for decoding, shape and dtype.)"""
+    entry = self._entries.get(key) or _read_json(self._kv, f"volumes/{key}/meta.json")
+    if entry is None:
+      return "no meta.json"
+    try:
+      arr = ts.open(_array_spec(self._base, key), read=True).result().read().result()
+    except Exception as e:  # noqa: BLE001 - TensorStore reports damage as ValueError / RuntimeError / ...
+      return f"cannot decode ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if list(arr.shape) != entry["shape"] or arr.dtype.name != entry["dtype"]:
+      return f"stored as {list(arr.shape)} {arr.dtype.name}, meta.json says {entry['shape']} {entry['dtype']}"
+    if "crc32" in entry and checksum(arr) != entry["crc32"]:
+      return f"checksum {checksum(arr)} != recorded {entry['crc32']}"
+    return None
+
   def add_record(self, record: dict[str, Any]) -> None:
+    """Adds one manifest record; raises (and adds nothing) when it names a volume that is not stored
+    or cannot be written as UTF-8 JSON."""
     for im in record["images"]:
       if not self.has_volume(im["key"]):
         raise ValueError(f"record {record['id']!r} names volume {im['key']!r}, which is not stored")
-    self._records.append(record)
+    line = _dumps(record) + b"\n"
+    self._lines.append(line)
+    self._kinds.append((record["split"], record["task"]))
+    self._keys.update((im["key"], None) for im in record["images"])
 
-  def finish(self, report: dict[str, Any]) -> dict[str, Any]:
-    """Writes volumes.jsonl, records.jsonl, report.json and, last, info.json; returns info."""
-    keys = list(dict.fromkeys(im["key"] for r in self._records for im in r["images"]))
-    lines = b"".join(_dumps(self._entries[k]) + b"\n" for k in keys)
-    self._kv.write("volumes.jsonl", lines).result()
-    self._kv.write("records.jsonl", b"".join(_dumps(r) + b"\n" for r in self._records)).result()
-    self._kv.write("report.json", _dumps(report)).result()
+  def finish(self, report: dict[str, Any], *, allow_empty: bool = False) -> dict[str, Any]:
+    """Commits the manifest (see the module docstring): deletes info.json, writes volumes.jsonl,
+    records.jsonl and report.json, then info.json with their hashes; returns info. Raises EmptyBuild,
+    writing nothing, when no record was added and the store's current manifest holds records (unless
+    allow_empty)."""
+    if not self._lines and not allow_empty:
+      old = _read_json(self._kv, "info.json")
+      n_old = (old or {}).get("counts", {}).get("records", 0)
+      if n_old:
+        raise EmptyBuild(f"{self.root}: this build stored no records and would replace a manifest of "
+                         f"{n_old} records; check the source (--src / --image_root), or pass --allow_empty "
+                         "to replace it")
+    blobs = {"volumes.jsonl": b"".join(_dumps(self._entries[k]) + b"\n" for k in self._keys),
+             "records.jsonl": b"".join(self._lines), "report.json": _dumps(report)}
+    self._kv.write("info.json", None).result()      # deletes it: from here on the store reads as unfinished
+    for name in MANIFEST:
+      self._kv.write(name, blobs[name]).result()
     info = {"schema_version": schema.SCHEMA_VERSION, "chunks": list(self.chunks), "codec": self.codec,
-            "counts": _counts(self._records, len(keys))}
+            "counts": _counts(self._kinds, len(self._keys)),
+            "manifest": {name: _digest(blobs[name]) for name in MANIFEST}}
     self._kv.write("info.json", _dumps(info)).result()
     return info
 
 
-def _counts(records: Iterable[dict[str, Any]], n_volumes: int) -> dict[str, Any]:
-  records = list(records)
-  return {"records": len(records), "volumes": n_volumes,
-          "by_split": dict(sorted(collections.Counter(r["split"] for r in records).items())),
-          "by_task": dict(sorted(collections.Counter(r["task"] for r in records).items()))}
+def _counts(kinds: Iterable[tuple[str, str]], n_volumes: int) -> dict[str, Any]:
+  kinds = list(kinds)
+  return {"records": len(kinds), "volumes": n_volumes,
+          "by_split": dict(sorted(collections.Counter(s for s, _ in kinds).items())),
+          "by_task": dict(sorted(collections.Counter(t for _, t in kinds).items()))}
 
 
 class Store:
@@ -222,7 +304,22 @@ class Store:
     if info.get("schema_version") != schema.SCHEMA_VERSION:
       raise ValueError(f"{root}: store schema_version {info.get('schema_version')}, "
                        f"this code reads {schema.SCHEMA_VERSION}; rebuild the store")
-    return cls(root, info)
+    store = cls(root, info)
+    blobs = {}
+    for name, want in info.get("manifest", {}).items():   # stores from before manifest hashes: unchecked
+      result = kv.read(name).result()
+      blob = result.value if result.state == "value" else None
+      if blob is None or _digest(blob) != want:
+        got = "missing" if blob is None else f"{len(blob)} bytes, sha256 {_digest(blob)['sha256'][:12]}"
+        raise DamagedStore(f"{root}: {name} does not match info.json ({got}; recorded {want['bytes']} "
+                           f"bytes, sha256 {want['sha256'][:12]}): the last build was interrupted or the "
+                           "file was changed; rerun the build")
+      blobs[name] = blob
+    if "records.jsonl" in blobs:
+      store._records = _parse_jsonl(blobs["records.jsonl"])
+    if "volumes.jsonl" in blobs:
+      store._volumes = {e["key"]: e for e in _parse_jsonl(blobs["volumes.jsonl"])}
+    return store
 
   def _kv(self) -> ts.KvStore:
     return ts.KvStore.open(kvstore_spec(self.root)).result()

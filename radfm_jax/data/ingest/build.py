@@ -11,6 +11,14 @@ corrupt, empty, NaN or inconsistent scan, an invalid sample) becomes a failure i
 (`{"path", "sample", "row", "reason"}`, paths relative to the source root) and the build goes on.
 The process exit status is the number of failures, capped at 100 (0: all good).
 
+Hostile input (see README "Reliability"): each scan must pass the readers' size cap (--max_voxels,
+--max_bytes; headers that claim more than their file holds are refused before any allocation); FIFOs
+and devices are never opened; a file name that is not UTF-8, a broken symlink, or a bad --text line is
+one failure; process workers exit when the build process dies (they watch their parent). The manifest
+is committed atomically (store.py) and a build that stores nothing does not replace a manifest that
+holds records (exit status 1, unless --allow_empty). `--verify` decodes every volume a rebuild would
+reuse and rewrites the ones whose chunks are damaged (counted as "repaired").
+
 Memory stays bounded: at most 2 x workers scans are in flight, a DICOM series is read one file at a
 time, and only the (small) records are kept until the manifest is written.
 
@@ -27,6 +35,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -34,7 +43,7 @@ from typing import Any
 from tqdm import tqdm
 
 from radfm_jax.data import readers, schema
-from radfm_jax.data.store import StoreWriter
+from radfm_jax.data.store import EmptyBuild, StoreWriter
 
 READER_VERSION = 1      # part of every key: bump when readers change what a file turns into
 MAX_EXIT_STATUS = schema.MAX_EXIT_STATUS
@@ -68,7 +77,19 @@ class ScanJob:
 
 
 def redact_path(path: str) -> str:
-  return "path:" + hashlib.blake2b(path.encode(), digest_size=8).hexdigest()
+  return "path:" + hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def printable(value: Any) -> Any:
+  """Strings (or lists of them) made safe to write as UTF-8 JSON (bad file-name bytes escaped)."""
+  if isinstance(value, list):
+    return [printable(v) for v in value]
+  if not isinstance(value, str):
+    return value
+  try:
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  except UnicodeEncodeError:
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclasses.dataclass
@@ -77,6 +98,7 @@ class _Result:
   hash: str = ""
   written: bool = False
   reason: str | None = None
+  repaired: str | None = None     # why a stored volume was rewritten (--verify)
 
 
 def _file_digest(path: str) -> bytes:
@@ -106,22 +128,32 @@ def content_hash(abs_paths: list[str], index: int | None) -> str:
   return h.hexdigest()
 
 
-def _run_job(job: ScanJob, src_root: str, writer: StoreWriter) -> _Result:
+def _run_job(job: ScanJob, src_root: str, writer: StoreWriter, limits: readers.Limits | None = None,
+             verify: bool = False) -> _Result:
   rel = list(job.path) if isinstance(job.path, tuple) else [job.path]
   abs_paths = [os.path.join(src_root, p) for p in rel]
+  for p, a in zip(rel, abs_paths):
+    what = readers.not_regular(a)
+    if what is not None:
+      return _Result(reason=f"{p}: {what}, not a regular file (never opened)")
   missing = [p for p, a in zip(rel, abs_paths) if not os.path.exists(a)]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     return _Result(reason=f"missing image: {missing[0]}{more} does not exist under the source root")
+  target = abs_paths if isinstance(job.path, tuple) else abs_paths[0]
   try:
+    readers.check_claims(target, limits)   # header-only: a crafted header costs no hashing either
     digest = content_hash(abs_paths, job.index)
     key = digest[:32]
-    if writer.has_volume(key):
-      return _Result(key, digest)
-    target = abs_paths if isinstance(job.path, tuple) else abs_paths[0]
-    vol = readers.read_scan(target, job.index)
-    writer.write_volume(key, vol.array, vol.meta)
-    return _Result(key, digest, written=True)
+    with writer.key_lock(key):
+      damage = None
+      if writer.has_volume(key):
+        damage = writer.check_volume(key) if verify else None
+        if damage is None:
+          return _Result(key, digest)
+      vol = readers.read_scan(target, job.index, limits)
+      writer.write_volume(key, vol.array, vol.meta)
+    return _Result(key, digest, written=True, repaired=damage)
   except readers.ReadError as e:
     return _Result(reason=str(e))
   except Exception as e:  # noqa: BLE001 - a batch job records the failure and goes on
@@ -131,12 +163,21 @@ def _run_job(job: ScanJob, src_root: str, writer: StoreWriter) -> _Result:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(out: Any, chunks: tuple[int, ...] | None, codec: str | None) -> None:
+def _exit_with_parent(parent: int) -> None:
+  """A worker's watchdog: exit when the build process is gone (kill -9 leaves pool workers blocked on
+  a queue whose write end they hold themselves, so they would otherwise live on)."""
+  while os.getppid() == parent:
+    time.sleep(0.5)
+  os._exit(1)
+
+
+def _init_worker(out: Any, chunks: tuple[int, ...] | None, codec: str | None, parent: int) -> None:
+  threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
   _WORKER["writer"] = StoreWriter(out, chunks=chunks, codec=codec)
 
 
-def _run_job_in_worker(job: ScanJob, src_root: str) -> _Result:
-  return _run_job(job, src_root, _WORKER["writer"])
+def _run_job_in_worker(job: ScanJob, src_root: str, limits: readers.Limits | None, verify: bool) -> _Result:
+  return _run_job(job, src_root, _WORKER["writer"], limits, verify)
 
 
 class _Inline(cf.Executor):
@@ -159,25 +200,32 @@ def _sanitize(reason: str, src_root: str, job: ScanJob, redact: bool) -> str:
 def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_root: str, out: Any,
                    workers: int = 0, pool: str = "thread", chunks: tuple[int, ...] | None = None,
                    codec: str | None = None, progress: bool = True, total: int | None = None,
-                   redact_paths: bool = False, skipped: Iterable[dict[str, str]] = ()) -> dict[str, Any]:
+                   redact_paths: bool = False, skipped: Iterable[dict[str, str]] = (),
+                   limits: readers.Limits | None = None, verify: bool = False,
+                   allow_empty: bool = False) -> dict[str, Any]:
   """Stores every sample's scans and writes the manifest; returns the build report (also stored).
 
   workers: 0 runs in this thread; N > 0 uses a pool of N threads (pool="thread": readers release the
   GIL in decoding, hashing and TensorStore) or N spawned processes (pool="process").
-  skipped: files a discovery step passed over (not failures), copied into the report."""
+  skipped: files a discovery step passed over (not failures), copied into the report.
+  limits: the readers' size cap per scan (default readers.Limits()).
+  verify: decode and checksum every stored volume before reusing it; rewrite the damaged ones.
+  allow_empty: let a build that stored no records replace a manifest that holds records (otherwise
+  store.EmptyBuild is raised, with `.report` attached, and the store is left as it was)."""
   start = time.time()
   src_root = os.path.abspath(src_root)
   writer = StoreWriter(out, chunks=chunks, codec=codec)
   if workers <= 0:
     executor: cf.Executor = _Inline()
-    submit = lambda job: executor.submit(_run_job, job, src_root, writer)  # noqa: E731
+    submit = lambda job: executor.submit(_run_job, job, src_root, writer, limits, verify)  # noqa: E731
   elif pool == "thread":
     executor = cf.ThreadPoolExecutor(workers)
-    submit = lambda job: executor.submit(_run_job, job, src_root, writer)  # noqa: E731
+    submit = lambda job: executor.submit(_run_job, job, src_root, writer, limits, verify)  # noqa: E731
   elif pool == "process":
     executor = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(out, writer.chunks, writer.codec))
-    submit = lambda job: executor.submit(_run_job_in_worker, job, src_root)  # noqa: E731
+                                      initializer=_init_worker,
+                                      initargs=(out, writer.chunks, writer.codec, os.getpid()))
+    submit = lambda job: executor.submit(_run_job_in_worker, job, src_root, limits, verify)  # noqa: E731
   else:
     raise ValueError(f"pool {pool!r}: expected 'thread' or 'process'")
   max_inflight = 2 * max(workers, 1)
@@ -191,7 +239,8 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
   bar = tqdm(total=total, disable=not progress, unit="sample", desc="ingest", file=sys.stderr)
 
   def fail(position: int, path: Any, reason: str, sample: str | None = None, row: Any = None) -> None:
-    failures.append((position, {"path": path, "sample": sample, "row": row, "reason": reason}))
+    failures.append((position, {"path": printable(path), "sample": printable(sample), "row": row,
+                                "reason": printable(reason)}))
 
   def settle(block: bool) -> None:
     nonlocal n_records
@@ -208,8 +257,11 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
       else:
         provenance = {"images": [{"path": j.label(redact_paths), "index": j.index, "hash": r.hash}
                                  for j, r in zip(jobs, results)]}
-        writer.add_record(sample.to_record([r.key for r in results], provenance))
-        n_records += 1
+        try:
+          writer.add_record(sample.to_record([r.key for r in results], provenance))
+          n_records += 1
+        except (ValueError, TypeError) as e:   # a record that cannot be stored is one failure
+          fail(position, jobs[0].label(redact_paths), f"cannot store the record ({e})", sample.id)
       bar.update(1)
 
   try:
@@ -224,7 +276,7 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
         if item.id in ids:
           raise ValueError(f"sample {item.id!r}: duplicate id")
         jobs = [ScanJob.of(im) for im in item.images]
-      except ValueError as e:
+      except (ValueError, TypeError) as e:
         fail(n_input, item.source or None, str(e), getattr(item, "id", None))
         bar.update(1)
         continue
@@ -243,22 +295,30 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
     executor.shutdown(wait=True, cancel_futures=True)
     bar.close()
 
-  results = [f.result() for f in futures.values()]
+  results = {job: f.result() for job, f in futures.items()}
   report = {
       "n_input": n_input, "n_records": n_records, "n_failed": len(failures),
-      "volumes": {"written": sum(r.written for r in results),
-                  "reused": sum(r.key is not None and not r.written for r in results),
-                  "failed": sum(r.reason is not None for r in results)},
+      "volumes": {"written": sum(r.written for r in results.values()),
+                  "reused": sum(r.key is not None and not r.written for r in results.values()),
+                  "failed": sum(r.reason is not None for r in results.values()),
+                  "repaired": sum(r.repaired is not None for r in results.values())},
       "failures": [f for _, f in sorted(failures, key=lambda pf: pf[0])], "skipped": list(skipped),
+      "repaired": [{"path": printable(j.label(redact_paths)), "key": r.key, "reason": r.repaired}
+                   for j, r in results.items() if r.repaired is not None],
       "seconds": round(time.time() - start, 2), "reader_version": READER_VERSION,
   }
-  writer.finish(report)
+  try:
+    writer.finish(report, allow_empty=allow_empty)
+  except EmptyBuild as e:
+    e.report = report
+    raise
   return report
 
 
 def summary(report: dict[str, Any], out: Any) -> str:
   v = report["volumes"]
-  lines = [f"{report['n_records']} records, {v['written']} volumes written, {v['reused']} reused, "
+  repaired = f", {v['repaired']} repaired" if v.get("repaired") else ""
+  lines = [f"{report['n_records']} records, {v['written']} volumes written{repaired}, {v['reused']} reused, "
            f"{report['n_failed']} failures, {len(report['skipped'])} files skipped, {report['seconds']} s"]
   for f in report["failures"][:20]:
     lines.append(f"  FAILED {f['path']}{'' if f['sample'] is None else ' [' + str(f['sample']) + ']'}: "

@@ -11,6 +11,9 @@ Discovery walks SRC in sorted order:
 - 4D NIfTI and RadFM .npy case files become one scan per volume / per case scan (index 0..N-1).
 - Anything that is not an image by name or magic (README.txt, .json, ...) is listed in "skipped";
   skipped files are not failures. Files that look like images but cannot be read are failures.
+- Non-regular files (FIFOs, device nodes, sockets) are listed in "skipped" and never opened. Dangling
+  or looping symlinks, names that are not valid UTF-8 and unreadable folders are failures (one each);
+  the rest of the tree is stored.
 
 With --text=FILE.jsonl, one sample per line (blank lines ignored):
   {"image": "rel/path" | ["rel/a.png", "rel/b.png"],      # images at the start of the question
@@ -19,32 +22,60 @@ With --text=FILE.jsonl, one sample per line (blank lines ignored):
 or, for full control, "images": [{"path": "rel/p" | ["rel/series/1.dcm", ...], "field": "question" |
 "answer", "char": 12, "index": 0}] (a list path is the files of one DICOM series). Image paths are
 relative to SRC; a folder path is a DICOM series folder. The default id is "FILE_STEM:LINE".
-Lines that are not JSON objects with these fields become RowErrors (file name, line number, reason).
+Lines that are not JSON objects with these fields become RowErrors (file name, line number, reason):
+invalid UTF-8, invalid JSON (incl. numbers out of range and absurd nesting), wrong types (a "char" or
+"index" that is not a non-negative integer), strings that are not valid Unicode.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from radfm_jax.data import readers, schema
-from radfm_jax.data.ingest.build import redact_path
+from radfm_jax.data.ingest.build import printable, redact_path
 from radfm_jax.data.readers import dicom
 
 Scan = tuple[str | list[str], int | None]   # (relative path or series files, index)
 
 
-def discover(src: str) -> tuple[list[Scan], list[dict[str, str]]]:
-  """Every scan under src (sorted) and the files passed over, as {"path", "reason"}."""
+def _utf8(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+    return True
+  except UnicodeEncodeError:
+    return False
+
+
+def discover(src: str) -> tuple[list[Scan], list[dict[str, str]], list[dict[str, str]]]:
+  """Every scan under src (sorted), the files passed over and the entries that are failures (each as
+  {"path", "reason"})."""
   scans: list[Scan] = []
   skipped: list[dict[str, str]] = []
+  bad: list[dict[str, str]] = []
   dicom_files: list[str] = []
   rel = lambda p: os.path.relpath(p, src)  # noqa: E731
-  for dirpath, dirnames, filenames in os.walk(src):
+
+  def unreadable(err: OSError) -> None:
+    bad.append({"path": printable(rel(err.filename or src)),
+                "reason": f"cannot list the folder: {err.strerror}"})
+
+  for dirpath, dirnames, filenames in os.walk(src, onerror=unreadable):
     dirnames.sort()
     for name in sorted(filenames):
       full = os.path.join(dirpath, name)
+      if not _utf8(rel(full)):
+        bad.append({"path": printable(rel(full)), "reason": "the path is not valid UTF-8; rename the file"})
+        continue
+      what = readers.not_regular(full)
+      if what in ("a dangling symlink", "a symlink loop"):
+        bad.append({"path": rel(full), "reason": what})
+        continue
+      if what is not None:
+        skipped.append({"path": rel(full), "reason": f"{what}, not a regular file (never opened)"})
+        continue
       try:
         kind = readers.kind_of(full)
       except readers.NotAnImage:
@@ -73,7 +104,8 @@ def discover(src: str) -> tuple[list[Scan], list[dict[str, str]]]:
       scans.append(([rel(f) for f in files], None))
   scans.sort(key=lambda s: (s[0] if isinstance(s[0], str) else s[0][0], s[1] or 0))
   skipped.sort(key=lambda s: s["path"])
-  return scans, skipped
+  bad.sort(key=lambda s: s["path"])
+  return scans, skipped, bad
 
 
 def image_only_samples(scans: list[Scan], *, redact: bool = False) -> Iterator[schema.Sample]:
@@ -95,8 +127,10 @@ def _image_refs(row: dict[str, Any]) -> list[schema.ImageRef]:
       unknown = set(im) - {"path", "field", "char", "index"}
       if unknown:
         raise ValueError(f"images[{i}] has unknown keys {sorted(unknown)}")
+      index = im.get("index")
       refs.append(schema.ImageRef(path=im["path"], field=im.get("field", "question"),
-                                  char=int(im.get("char", 0)), index=im.get("index")))
+                                  char=_count(im.get("char", 0), f"images[{i}].char"),
+                                  index=None if index is None else _count(index, f"images[{i}].index")))
     return refs
   image = row.get("image", [])
   paths = image if isinstance(image, list) else [image]
@@ -105,32 +139,51 @@ def _image_refs(row: dict[str, Any]) -> list[schema.ImageRef]:
   return [schema.ImageRef(path=p, field="question", char=0) for p in paths]
 
 
+def _count(value: Any, what: str) -> int:
+  """A non-negative integer (not a bool, not a float), or ValueError naming the field."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f"{what} must be a non-negative integer, got {value!r:.40}")
+  return value
+
+
+def _lines(text: str) -> Iterator[tuple[int, bytes]]:
+  """(line number, bytes) of the non-blank lines of a file, read as bytes (one bad byte spoils one line)."""
+  with open(text, "rb") as f:
+    for lineno, line in enumerate(f, 1):
+      if line.strip():
+        yield lineno, line
+
+
 def text_samples(text: str) -> Iterator[schema.Sample | schema.RowError]:
   """Samples from a JSONL file (see the module docstring); bad lines as RowErrors."""
   name = os.path.basename(text)
   stem = name.split(".")[0]
-  with open(text, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  for lineno, raw in _lines(text):
+    try:
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 at byte {e.start} of the line") from None
       try:
         row = json.loads(line)
-        if not isinstance(row, dict):
-          raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in ("question", "answer", "task") if k not in row]
-        if missing:
-          raise ValueError(f"missing field(s) {missing}")
-        if not all(isinstance(row[k], str) for k in ("question", "answer", "task")):
-          raise ValueError("question, answer and task must be strings")
-        meta = row.get("meta", {})
-        if not isinstance(meta, dict):
-          raise ValueError(f"'meta' must be an object, got {type(meta).__name__}")
-        yield schema.Sample(id=str(row.get("id", f"{stem}:{lineno}")), task=row["task"],
-                            question=row["question"], answer=row["answer"], images=_image_refs(row),
-                            split=row.get("split", "train"), source=str(row.get("source", stem)),
-                            meta=meta)
-      except (ValueError, TypeError) as e:
-        yield schema.RowError(source=name, row=lineno, reason=str(e))
+      except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+      missing = [k for k in ("question", "answer", "task") if k not in row]
+      if missing:
+        raise ValueError(f"missing field(s) {missing}")
+      if not all(isinstance(row[k], str) for k in ("question", "answer", "task")):
+        raise ValueError("question, answer and task must be strings")
+      meta = row.get("meta", {})
+      if not isinstance(meta, dict):
+        raise ValueError(f"'meta' must be an object, got {type(meta).__name__}")
+      yield schema.Sample(id=str(row.get("id", f"{stem}:{lineno}")), task=row["task"],
+                          question=row["question"], answer=row["answer"], images=_image_refs(row),
+                          split=row.get("split", "train"), source=str(row.get("source", stem)),
+                          meta=meta)
+    except (ValueError, TypeError, OverflowError) as e:
+      yield schema.RowError(source=name, row=lineno, reason=printable(str(e)))
 
 
 def samples_from_folder(src: str, *, text: str | None = None, redact: bool = False):
@@ -140,8 +193,8 @@ def samples_from_folder(src: str, *, text: str | None = None, redact: bool = Fal
   if text is not None:
     if not os.path.isfile(text):
       raise FileNotFoundError(f"--text {text}: no such file")
-    with open(text, encoding="utf-8") as f:
-      total = sum(1 for line in f if line.strip())
+    total = sum(1 for _ in _lines(text))
     return text_samples(text), [], total
-  scans, skipped = discover(src)
-  return image_only_samples(scans, redact=redact), skipped, len(scans)
+  scans, skipped, bad = discover(src)
+  errors = [schema.RowError(source=b["path"], row=None, reason=b["reason"]) for b in bad]
+  return itertools.chain(errors, image_only_samples(scans, redact=redact)), skipped, len(scans) + len(bad)

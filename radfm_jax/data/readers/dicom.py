@@ -13,6 +13,11 @@ A series (the files of one SeriesInstanceUID, or one multi-frame file) becomes `
   higher always means brighter. Colour (RGB / YBR / palette) comes out as RGB, C = 3.
 - Headers are read first without pixel data, then pixels one file at a time into a preallocated
   array, so a large series never holds more than the volume plus one slice.
+- Before any frame list or pixel buffer exists, what the headers claim (rows x columns x frames x
+  samples x bits) is checked against the size cap (limits.py) and, for uncompressed transfer syntaxes,
+  against the bytes each file holds; an encapsulated (compressed) file needs at least one 8-byte
+  fragment item per frame. A few-KB file claiming millions of frames is a TooLarge error, not an
+  out-of-memory kill.
 - Only allowlisted fields (volume.META_KEYS) leave this module.
 """
 from __future__ import annotations
@@ -30,11 +35,14 @@ import pydicom.errors
 import pydicom.pixels
 from pydicom.multival import MultiValue
 
+from radfm_jax.data.readers.limits import DEFAULT, Limits, check_fits
 from radfm_jax.data.readers.volume import NotAnImage, ReadError, Volume, collapse_gray, finish
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORIENT_TOL = 1e-3
 _SPACING_TOL = 0.25   # a gap may differ from the median slice spacing by at most 25%
+_DEFER = 1 << 20      # header reads leave values over 1 MiB unread (a crafted length cannot allocate)
+_BITS = (1, 8, 16, 32, 64)
 
 
 def is_dicom(path: str) -> bool:
@@ -51,8 +59,9 @@ def is_dicom(path: str) -> bool:
 
 def _header(path: str) -> pydicom.Dataset:
   try:
-    return pydicom.dcmread(path, stop_before_pixels=True)
-  except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+    return pydicom.dcmread(path, stop_before_pixels=True, defer_size=_DEFER)
+  except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+          MemoryError) as e:
     raise ReadError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
 
 
@@ -93,9 +102,65 @@ def _spacing_of(ds: pydicom.Dataset) -> tuple[float, float] | None:
   return float(value[0]), float(value[1])
 
 
+def _int(ds: pydicom.Dataset, name: str, default: int, where: str) -> int:
+  value = ds.get(name)
+  if value is None or value == "":
+    return default
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ReadError(f"{where}: {name} {value!r} is not an integer") from None
+
+
+def _n_frames(ds: pydicom.Dataset, where: str) -> int:
+  n = _int(ds, "NumberOfFrames", 1, where)
+  if n < 1:
+    raise ReadError(f"{where}: NumberOfFrames {n} (expected at least 1)")
+  return n
+
+
+def check_claim(path: str, ds: pydicom.Dataset) -> None:
+  """Checks what one file's header claims against the bytes the file holds.
+
+  Uncompressed pixel data (rows x cols x samples x bits per frame, 4:2:2 colour at 2/3) must fit in the
+  file; an encapsulated file needs an 8-byte item per frame at least. Deflated files are bounded by
+  the size cap only."""
+  rows, cols = _int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path)
+  samples = _int(ds, "SamplesPerPixel", 1, path)
+  bits = _int(ds, "BitsAllocated", 16, path)
+  frames = _n_frames(ds, path)
+  if rows < 1 or cols < 1 or samples not in (1, 3):
+    raise ReadError(f"{path}: Rows {rows}, Columns {cols}, SamplesPerPixel {samples}: not an image size")
+  if bits not in _BITS:
+    raise ReadError(f"{path}: BitsAllocated {bits} (expected one of {_BITS})")
+  per_frame = rows * cols * samples * bits
+  if str(ds.get("PhotometricInterpretation", "")).endswith("_422"):
+    per_frame = per_frame * 2 // 3
+  per_frame = (per_frame + 7) // 8
+  size = os.path.getsize(path)
+  syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+  if syntax is not None and syntax.is_encapsulated:
+    check_fits(path, frames * 8, size, f"{frames} compressed frames (at least 8 bytes each)")
+  elif syntax is None or not syntax.is_deflated:
+    check_fits(path, frames * per_frame, size,
+               f"{frames} frame(s) x {rows} x {cols} x {samples} sample(s) x {bits} bits")
+
+
+def check_file(path: str, limits: Limits | None = None) -> None:
+  """Header-only: raises what read_series([path]) would for a header claiming too much."""
+  ds = _header(path)
+  if "Rows" not in ds:
+    return
+  check_claim(path, ds)
+  channels = 3 if _int(ds, "SamplesPerPixel", 1, path) == 3 or ds.get("PhotometricInterpretation") == \
+      "PALETTE COLOR" else 1
+  (limits or DEFAULT).check(path, [_int(ds, "Rows", 0, path), _int(ds, "Columns", 0, path), _n_frames(ds, path),
+                                   channels], max(1, _int(ds, "BitsAllocated", 16, path) // 8), "series")
+
+
 def _frames_of(path: str, ds: pydicom.Dataset) -> list[_Frame]:
   """One _Frame per 2D image in the file."""
-  n = int(ds.get("NumberOfFrames") or 1)
+  n = _n_frames(ds, path)
   slope = float(ds.get("RescaleSlope", 1) or 1)
   intercept = float(ds.get("RescaleIntercept", 0) or 0)
   if ds.get("Modality") == "RTDOSE" and "DoseGridScaling" in ds:
@@ -111,7 +176,7 @@ def _frames_of(path: str, ds: pydicom.Dataset) -> list[_Frame]:
   offsets = _floats(ds.get("GridFrameOffsetVector"))
   for k in range(n):
     def find(seq, *attr, k=k):
-      for groups in (per[k] if per else None, shared[0] if shared else None):
+      for groups in (per[k] if per and k < len(per) else None, shared[0] if shared else None):
         if groups is not None:
           value = _item(groups, seq, *attr)
           if value is not None:
@@ -196,8 +261,10 @@ def _target_dtype(raw_ranges: list[tuple[float, float]], frames: list[_Frame],
   return np.dtype(np.float32)
 
 
-def read_series(paths: Sequence[str], where: str | None = None) -> Volume:
-  """The files of one series (or one multi-frame file) -> Volume."""
+def read_series(paths: Sequence[str], where: str | None = None, limits: Limits | None = None) -> Volume:
+  """The files of one series (or one multi-frame file) -> Volume. Raises TooLarge (a ReadError) when the
+  headers claim more than the files hold or more than `limits` allows, before reading any pixels."""
+  limits = limits or DEFAULT
   paths = [os.fspath(p) for p in paths]
   if not paths:
     raise ReadError(f"{where}: empty DICOM series")
@@ -211,12 +278,19 @@ def read_series(paths: Sequence[str], where: str | None = None) -> Volume:
   series = {ds.get("SeriesInstanceUID") for ds in headers.values()}
   if len(series) > 1:
     raise ReadError(f"{where}: files belong to {len(series)} different series")
-  multi = [p for p, ds in headers.items() if int(ds.get("NumberOfFrames") or 1) > 1]
+  for p, ds in headers.items():
+    check_claim(p, ds)
+  multi = [p for p, ds in headers.items() if _n_frames(ds, p) > 1]
   if multi and len(paths) > 1:
     raise ReadError(f"{where}: a series of {len(paths)} files including multi-frame files is not supported")
   sizes = [(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))) for ds in headers.values()]
   if len(set(sizes)) > 1:
     raise ReadError(f"{where}: inconsistent series: slice sizes (rows, cols, samples) {_describe(sizes)}")
+  total = sum(_n_frames(ds, p) for p, ds in headers.items())
+  first_ds = headers[paths[0]]
+  channels = 3 if sizes[0][2] == 3 or first_ds.get("PhotometricInterpretation") == "PALETTE COLOR" else 1
+  itemsize = max(1, _int(first_ds, "BitsAllocated", 16, paths[0]) // 8)
+  limits.check(where, [sizes[0][0], sizes[0][1], total, channels], itemsize, "series")
   frames = [f for p in paths for f in _frames_of(p, headers[p])]
   frames, slice_spacing, step = _sort(frames, where)
   first = headers[frames[0].path]
@@ -228,11 +302,11 @@ def read_series(paths: Sequence[str], where: str | None = None) -> Volume:
   order = {(f.path, f.frame): k for k, f in enumerate(frames)}
   for p in dict.fromkeys(f.path for f in frames):
     try:
-      ds = pydicom.dcmread(p)
+      ds = pydicom.dcmread(p, defer_size=_DEFER)   # unread: values no one asks for (a crafted length)
     except Exception as e:  # noqa: BLE001
       raise ReadError(f"{where}: cannot read {p} ({type(e).__name__}: {e})") from None
     arr = _pixels(ds, where)
-    n = int(ds.get("NumberOfFrames") or 1)
+    n = _n_frames(ds, p)
     arr = arr.reshape((n, rows, cols, -1))
     if raw is None:
       raw = np.empty((rows, cols, len(frames), arr.shape[-1]), arr.dtype)
@@ -265,7 +339,7 @@ def read_series(paths: Sequence[str], where: str | None = None) -> Volume:
       modality=modality, body_part=first.get("BodyPartExamined") or None, source_format="dicom",
       original_shape=[rows, cols, len(frames)] + ([samples] if samples > 1 else []),
       photometric=photometric or None, channels=channels,
-      n_frames=int(first.get("NumberOfFrames") or 1) if multi else None)
+      n_frames=_n_frames(first, where) if multi else None)
   if spacing2 is not None:
     meta["spacing"] = [spacing2[0], spacing2[1], dz if dz is not None else 1.0]
   ori = frames[0].orientation
@@ -326,7 +400,7 @@ def group_series(paths: Sequence[str]) -> tuple[list[list[str]], list[tuple[str,
   return series, skipped
 
 
-def read_folder(folder: str, index: int | None = None) -> Volume:
+def read_folder(folder: str, index: int | None = None, limits: Limits | None = None) -> Volume:
   """All DICOM files directly in `folder`: one series, or series `index` (by SeriesNumber) of several."""
   files = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
            if os.path.isfile(os.path.join(folder, n)) and is_dicom(os.path.join(folder, n))]
@@ -340,4 +414,4 @@ def read_folder(folder: str, index: int | None = None) -> Volume:
     index = 0
   if not 0 <= index < len(series):
     raise ReadError(f"{folder}: series index {index} out of range (the folder holds {len(series)})")
-  return read_series(series[index], where=folder)
+  return read_series(series[index], where=folder, limits=limits)

@@ -11,21 +11,71 @@ a scaling (scl_slope / scl_inter), which nibabel applies (float).
 4D files (time points, b-values, echoes): `index` selects one 3D volume; without an index a 4D file
 with more than one volume is a ReadError (files mode ingests every volume of a 4D file as its own scan,
 see build.py). 5D and non-scalar (RGB) NIfTI are rejected.
+
+Bounded work: the header (348 / 540 bytes) is parsed on its own before nibabel opens the file, and the
+volume to read (one 3D volume of a 4D file) must pass the size cap (limits.py; scaled data counts 8
+bytes a voxel, as nibabel returns float64). An uncompressed .nii must hold vox_offset + all the data it
+claims; a .nii.gz's header extensions (read into memory) must fit the byte cap, and its decompressed
+data is read only up to the volume asked for, so a small gzip bomb is refused before it expands.
 """
 from __future__ import annotations
 
+import gzip
+import io
+import math
+import os
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from radfm_jax.data.readers.limits import DEFAULT, Limits, check_fits
 from radfm_jax.data.readers.volume import ReadError, Volume, finish
+
+_HEADERS = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
+
+
+def peek_header(path: str) -> nib.Nifti1Header:
+  """The NIfTI-1 / NIfTI-2 header alone (no extensions, no data), from .nii or .nii.gz."""
+  try:
+    with (gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")) as f:
+      block = f.read(540)
+    for order, endian in (("little", "<"), ("big", ">")):
+      klass = _HEADERS.get(int.from_bytes(block[:4], order))
+      if klass is not None:
+        break
+    else:
+      raise ValueError(f"sizeof_hdr {int.from_bytes(block[:4], 'little')} is neither 348 nor 540")
+    size = int.from_bytes(block[:4], order)
+    if len(block) < size:
+      raise ValueError(f"file ends inside the {size}-byte header")
+    return klass.from_fileobj(io.BytesIO(block[:size]), check=True)
+  except Exception as e:  # noqa: BLE001 - gzip, nibabel and struct raise many types for bad headers
+    raise ReadError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+
+
+def check_header(path: str, hdr: nib.Nifti1Header, limits: Limits, volume: bool) -> None:
+  """Checks the claimed data against the file (uncompressed) and the cap (one 3D volume when `volume`,
+  else the whole array; header extensions for .nii.gz)."""
+  shape = [int(s) for s in hdr.get_data_shape()]
+  dtype = hdr.get_data_dtype()
+  offset = int(hdr["vox_offset"])
+  slope, inter = hdr.get_slope_inter()
+  scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+  itemsize = 8 if scaled else dtype.itemsize
+  if path.lower().endswith(".gz"):
+    if offset > limits.max_bytes:
+      check_fits(path, offset, limits.max_bytes, f"vox_offset {offset} (header extensions read into memory)")
+  else:
+    check_fits(path, offset + math.prod(shape) * dtype.itemsize, os.path.getsize(path),
+               f"shape {shape} of {dtype} at offset {offset}")
+  limits.check(path, shape[:3] if volume else shape, itemsize, "volume")
 
 
 def n_volumes(path: str) -> int:
   """Number of 3D volumes in a NIfTI file (header only)."""
-  shape = nib.load(path).shape
+  shape = peek_header(path).get_data_shape()
   return int(shape[3]) if len(shape) >= 4 else 1
 
 
@@ -49,7 +99,14 @@ def display_to_ras(array: np.ndarray, spacing: tuple[float, float, float],
   return np.ascontiguousarray(data), affine
 
 
-def read_nifti(path: str, index: int | None = None) -> Volume:
+def check_nifti(path: str, limits: Limits | None = None) -> None:
+  """Header-only: raises what read_nifti would for a header claiming too much."""
+  hdr = peek_header(path)
+  check_header(path, hdr, limits or DEFAULT, volume=len(hdr.get_data_shape()) >= 4)
+
+
+def read_nifti(path: str, index: int | None = None, limits: Limits | None = None) -> Volume:
+  check_nifti(path, limits)
   try:
     img = nib.load(path)
   except Exception as e:  # noqa: BLE001 - nibabel raises many types for bad headers
