@@ -69,9 +69,11 @@ def closed_options(question: str, reference: str, options: Sequence[str] | None 
   return opts if any(_same(o, reference) for o in opts) else None
 
 
-def _same(a: str, b: str) -> bool:
+def _same(a: str, b: str, by_modality: bool = True) -> bool:
   if context.phrase_stems(a) == context.phrase_stems(b):
     return True
+  if not by_modality:
+    return False
   ma, mb = modality.canonical(a), modality.canonical(b)
   return bool(ma) and ma == mb and len(norm(a).split()) <= 3 and len(norm(b).split()) <= 3
 
@@ -321,7 +323,7 @@ def _choice(question: str, reference: str, answer: str, opts: Sequence[str]) -> 
     if chosen not in by_canon:
       return say(WRONG, f"names {chosen}, not one of the options", chosen)
     chosen = by_canon[chosen]
-  ok = _same(chosen, reference)
+  ok = _same(chosen, reference, by_modality=by_canon is not None)
   return say(CORRECT if ok else WRONG, f"chooses '{chosen}' (expected '{reference}')", chosen)
 
 
