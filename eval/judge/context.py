@@ -41,8 +41,8 @@ PRE_WINDOW, POST_WINDOW = 6, 5
 
 NEG_PRE = (("no",), ("not",), ("without",), ("never",), ("neither",), ("nor",), ("negative", "for"),
            ("free", "of"), ("absence", "of"), ("absent",), ("ruled", "out"), ("rules", "out"), ("exclude",),
-           ("excludes",), ("nothing", "to", "suggest"))
-NEG_POST = (("absent",), ("excluded",), ("resolved",), ("ruled", "out"), ("negative",))
+           ("excludes",), ("nothing", "to", "suggest"), ("rather", "than"), ("instead", "of"), ("unlikely",))
+NEG_POST = (("absent",), ("excluded",), ("resolved",), ("ruled", "out"), ("negative",), ("none",), ("unlikely",))
 UNCERTAIN_TRIGGERS = (
     ("possible",), ("possibly",), ("maybe",), ("perhaps",), ("may",), ("might",), ("could",),
     ("can", "not", "exclude"), ("can", "not", "be", "excluded"), ("can", "not", "rule", "out"),
@@ -157,7 +157,7 @@ def negated_positions(clause: Clause) -> set[int]:
   for a, b in _spans(toks, NEG_PRE):
     if any(i in blocked for i in range(a, b)):
       continue
-    if toks[a] == "absent" and a > 0:
+    if toks[a] in ("absent", "unlikely") and a > 0:
       continue  # "X is absent": a post-trigger (below)
     for i in range(b, min(len(toks), b + PRE_WINDOW)):
       if _breaks(toks, i) or toks[i] == "yes":

@@ -40,6 +40,7 @@ SYNONYMS = (
     "infiltration/infiltrate/infiltrates",
     "contrast/opacified/enhanced/enhancing",
     "malignant/malignancy/cancer/carcinoma",
+    "lymphadenopathy/adenopathy | lymph node/lymph nodes/nodes/nodal + enlarged/enlargement/prominent",
 )
 # Predicate -> wordings that answer it the other way ("deviated" answers "Is the trachea midline?": no).
 ANTONYMS = {
@@ -48,7 +49,7 @@ ANTONYMS = {
     "benign": "malignant/malignancy/cancer/carcinoma",
     "enlarged": "small/atrophic/shrunken",
 }
-NORMAL_WORDS = ("normal", "unremarkable", "within normal limits", "healthy", "intact", "clear", "negative",
+NORMAL_WORDS = ("normal", "unremarkable", "within normal limits", "healthy", "intact", "clear",
                 "no abnormality", "no acute abnormality", "nothing abnormal", "normal in size", "preserved",
                 "patent", "fully expanded", "well expanded", "straight")
 NORMAL_PREDICATES = frozenset({"normal", "clear", "patent", "intact", "healthy", "unremarkable", "symmetric",

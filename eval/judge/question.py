@@ -30,6 +30,8 @@ _QUESTION = [
     r"^(?:was|were) (?:this|the) (?:image|scan|study|picture|examination|exam)s? (?:acquired|taken|obtained|done|"
     r"performed|made) (?:with|using|by|on|as)\s+(?:(?:a|an)\s+)?(?P<x>.+)$",
     r"^(?:was|were|is|are) (?P<x>.+?) (?:used|given|administered|injected|performed)$",
+    r"^(?:can|could) (?:(?:any|a|an)\s+)*(?P<x>.+?) (?:be )?(?:observed|seen|identified|detected|noted|"
+    r"appreciated|visualized|visualised|found)(?: .*)?$",
     r"^(?:is|are|was|were) (?P<x>.+)$",
     r"^(?:can|could|do) you (?:see|identify|detect)\s+(?:(?:any|a|an)\s+)*(?P<x>.+)$",
 ]
@@ -142,6 +144,8 @@ def options(question: str) -> list[str]:
   x = last
   if len(x) == 1 and len(y) > 1:
     y = y[:1]
+  if len(x) > len(y):
+    x = x[-len(y):]
   if x[-1] in ("hypo", "hyper", "iso", "intra", "extra", "pre", "post") and len(y) == 1:
     for prefix in ("hypo", "hyper", "iso", "intra", "extra", "pre", "post"):
       if y[0].startswith(prefix):

@@ -31,7 +31,8 @@ _FILLER = frozenset({"it", "is", "are", "was", "were", "be", "this", "that", "th
                      "does", "did", "not", "no", "yes", "so", "its", "it's", "they", "one", "any", "here", "has",
                      "have", "evidence", "seen", "present", "identified", "visible", "found", "sign", "signs",
                      "definitely", "clearly", "certainly", "indeed", "think", "believe", "would", "say", "answer",
-                     "correct", "noted", "shown", "none", ",", "and", "there's", "that's", "it's"})
+                     "correct", "noted", "shown", "none", ",", "and", "there's", "that's", "it's", "can", "could",
+                     "observed", "observe", "see", "detected", "d", "i'd"})
 _NO_NEXT = frozenset({",", "it", "this", "there", "the", "i", "that", "they", "we", "its", "it's", "there's"})
 _LETTER = re.compile(r"^\s*\(?([A-H])\)?\s*(?:[:.)\-]|$)|\b(?:answer|option|choice)\s*(?:is\s*)?:?\s*\(?([A-H])\)?\b")
 _ABNORMAL_Q = re.compile(r"\b(abnormal|affected|involved|diseased|pathologic|lesion)\b", re.IGNORECASE)
@@ -155,6 +156,33 @@ def _normal_votes(cls: list[Clause], places, head) -> tuple[int, int]:
           abnormal += 1
   return normal, abnormal
 
+_SIDES = {"left": "right", "right": "left"}
+_GENERIC_MODIFIERS = frozenset({"acute", "small", "large", "any", "new", "significant", "obvious", "definite",
+                                "suspicious", "mild", "moderate", "severe", "chronic", "free", "left", "right",
+                                "focal", "possible", "evidence", "sign", "signs"})
+
+
+def _finding_mentions(f: questions.Finding, cls: list[Clause], concept) -> list[tuple[Clause, tuple[int, ...]]]:
+  """Mentions of a plain finding. When the answer uses the asked modifier ("subdural") on its own
+  ("... rather than a subdural one") or right before the head, a head word under another modifier
+  ("epidural hematoma") is about something else and does not count."""
+  mods = {context.phrase_stems(w) for w in f.words[:-1] if w not in _GENERIC_MODIFIERS} - {()}
+  found = [(c, pos) for c in cls for pos in findings.match(c, concept)]
+  if not mods:
+    return found
+  def modified(c, pos):
+    return any(context.find_phrase(c.stems[max(0, pos[0] - 4):pos[0]], m) for m in mods)
+  alone = []
+  for c in cls:
+    for m in mods:
+      for i in context.find_phrase(c.stems, m):
+        j = i + len(m)
+        if j < len(c.tokens) and c.tokens[j] in ("one", "ones", "type", "kind"):
+          alone.append((c, tuple(range(i, j))))
+  if not alone and not any(modified(c, pos) for c, pos in found):
+    return found
+  return [(c, pos) for c, pos in found if modified(c, pos)] + alone
+
 
 def _finding_evidence(f: questions.Finding, cls: list[Clause]) -> tuple[str | None, str]:
   """('yes' | 'no' | 'hedge' | 'mixed' | None, what was read)."""
@@ -175,12 +203,19 @@ def _finding_evidence(f: questions.Finding, cls: list[Clause]) -> tuple[str | No
       places |= alt[0]
   votes, read = [], []
   what = " ".join(f.words)
+  plain = not f.predicate and not abnormal_q
+  side = next((w for w in f.location + f.words if w in _SIDES), None) if plain else None
+  for c, pos in _finding_mentions(f, cls, concept) if plain else [
+      (c, pos) for c in cls for pos in findings.match(c, concept)]:
+    st = context.status(c, pos)
+    if side and st == ASSERTED and _SIDES[side] in c.tokens and side not in c.tokens:
+      votes.append(NO)
+      read.append(f"puts '{' '.join(c.tokens[i] for i in pos)}' on the {_SIDES[side]}")
+      continue
+    votes.append({ASSERTED: YES, NEGATED: NO, UNCERTAIN: "hedge"}[st])
+    read.append(f"{'denies' if st == NEGATED else 'hedges on' if st == UNCERTAIN else 'asserts'} "
+                f"'{' '.join(c.tokens[i] for i in pos)}'")
   for c in cls:
-    for pos in findings.match(c, concept):
-      st = context.status(c, pos)
-      votes.append({ASSERTED: YES, NEGATED: NO, UNCERTAIN: "hedge"}[st])
-      read.append(f"{'denies' if st == NEGATED else 'hedges on' if st == UNCERTAIN else 'asserts'} "
-                  f"'{' '.join(c.tokens[i] for i in pos)}'")
     if antonym:
       for pos in findings.match(c, antonym):
         st = context.status(c, pos)
