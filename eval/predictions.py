@@ -10,11 +10,22 @@ RadFM's `src/test.py` output CSV: columns Question, Ground Truth, Pred, belong_t
 python list literals of one string ("['...']"), unwrapped here; image placeholders are stripped by the
 scorers. `belong_to` names an upstream dataset class, mapped to a RadBench task and meta by
 `RADFM_SOURCES` (else by keywords in the name); an unmappable row is recorded as an error and skipped.
+
+Files as users save them: the suffix is matched case-insensitively (.CSV), CSV text is decoded as UTF-8
+with or without a byte-order mark (Excel), else Windows-1252, else Latin-1 (or `encoding=`); a row with
+fewer or more cells than the header is an error row. Row numbers are 1-based file lines, as an editor
+shows them. A file that cannot be read at all raises `PredictionsError` with a one-line message
+naming the file (and line).
+
+`write` adds the per-row scores of `eval.scoring.score(..., rows=...)` to predictions.csv (columns after
+the item's own: kind, verdict, reason, chosen, then the per-row metric values) and to each JSONL
+object (key "scores").
 """
 from __future__ import annotations
 
 import ast
 import csv
+import io
 import json
 import os
 import pathlib
@@ -23,6 +34,13 @@ from typing import Any, Iterable
 
 from eval.tasks import Item
 from radfm_jax.data.schema import TASKS, RowError
+
+ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
+
+
+class PredictionsError(ValueError):
+  """A predictions file that cannot be read; the message is one line naming file and line."""
+
 
 RADFM_COLUMNS = ("Question", "Ground Truth", "Pred", "belong_to")
 OUR_CSV_COLUMNS = ("id", "task", "source", "question", "answer", "prediction", "modality", "dim", "meta")
@@ -79,15 +97,19 @@ def unwrap_cell(cell: str) -> str:
   return cell
 
 
-def _read_radfm_csv(path: str, rows: list[dict], task: str | None) -> tuple[list[Item], list[RowError]]:
+def _read_radfm_csv(path: str, rows: list[tuple[int, Any]], task: str | None
+                    ) -> tuple[list[Item], list[RowError]]:
   items, errors = [], []
-  for i, row in enumerate(rows):
+  for i, row in rows:
+    if isinstance(row, ValueError):
+      errors.append(RowError(path, i, str(row)))
+      continue
     belong = unwrap_cell(row["belong_to"]).strip()
     mapped = (task, {}) if task else radfm_source(belong)
     if mapped is None:
       errors.append(RowError(path, i, f"belong_to {belong!r} maps to no RadBench task; pass --task"))
       continue
-    items.append(Item(id=f"row{i}", task=mapped[0], question=unwrap_cell(row["Question"]),
+    items.append(Item(id=f"line{i}", task=mapped[0], question=unwrap_cell(row["Question"]),
                       answer=unwrap_cell(row["Ground Truth"]), prediction=unwrap_cell(row["Pred"]),
                       meta=mapped[1], source=belong))
   return items, errors
@@ -108,7 +130,7 @@ def _our_item(path: str, i: int, row: dict[str, Any], task: str | None) -> Item:
   for key in ("answer", "prediction"):
     if row.get(key) is None:
       raise ValueError(f"missing field {key!r}")
-  return Item(id=str(row.get("id") or f"row{i}"), task=task or str(row.get("task", "")),
+  return Item(id=str(row.get("id") or f"line{i}"), task=task or str(row.get("task", "")),
               question=str(row.get("question") or ""), answer=str(row["answer"]),
               prediction=str(row["prediction"]), meta=meta, source=str(row.get("source") or ""))
 
@@ -127,55 +149,103 @@ def _read_ours(path: str, rows: Iterable[tuple[int, Any]], task: str | None) -> 
   return items, errors
 
 
-def _jsonl_rows(path: str) -> Iterable[tuple[int, Any]]:
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        yield i, json.loads(line)
-      except json.JSONDecodeError as e:
-        yield i, ValueError(f"invalid JSON: {e}")
+def _decode(path: str, encoding: str | None) -> tuple[str, str]:
+  raw = pathlib.Path(path).read_bytes()
+  for enc in ([encoding] if encoding else ENCODINGS):
+    try:
+      return raw.decode(enc), enc
+    except UnicodeDecodeError as e:
+      if encoding:
+        line = raw[:e.start].count(b"\n") + 1
+        raise PredictionsError(f"{path}:{line}: not valid {encoding} ({e.reason} at byte {e.start})") from e
+    except LookupError as e:
+      raise PredictionsError(f"{path}: unknown encoding {encoding!r}") from e
+  raise PredictionsError(f"{path}: cannot decode")  # unreachable: latin-1 decodes any byte
 
 
-def read(path: str, task: str | None = None) -> tuple[list[Item], list[RowError]]:
+def _jsonl_rows(text: str) -> Iterable[tuple[int, Any]]:
+  for i, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      yield i, json.loads(line)
+    except json.JSONDecodeError as e:
+      yield i, ValueError(f"invalid JSON: {e}")
+
+
+def _csv_rows(path: str, text: str) -> tuple[tuple[str, ...], list[tuple[int, Any]]]:
+  """(header, [(1-based line, row dict | ValueError)])."""
+  csv.field_size_limit(sys.maxsize)
+  reader = csv.reader(io.StringIO(text, newline=""))
+  try:
+    header = tuple(h.strip() for h in next(reader))
+  except StopIteration as e:
+    raise PredictionsError(f"{path}:1: empty file (no header row)") from e
+  except csv.Error as e:
+    raise PredictionsError(f"{path}:{reader.line_num}: {e}") from e
+  rows = []
+  while True:
+    start = reader.line_num + 1
+    try:
+      cells = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      raise PredictionsError(f"{path}:{start}: {e}") from e
+    if not any(c.strip() for c in cells):
+      continue
+    if len(cells) != len(header):
+      rows.append((start, ValueError(f"row has {len(cells)} cells, the header has {len(header)}")))
+      continue
+    rows.append((start, dict(zip(header, cells))))
+  return header, rows
+
+
+def read(path: str, task: str | None = None, encoding: str | None = None) -> tuple[list[Item], list[RowError]]:
   """Items and per-row errors of a predictions file (.jsonl, or .csv in our or RadFM's columns).
-  `task` forces every row's task."""
+  `task` forces every row's task; `encoding` overrides the automatic choice (see module doc)."""
   if task is not None and task not in TASKS:
-    raise ValueError(f"--task {task!r} is not one of {TASKS}")
+    raise PredictionsError(f"--task {task!r} is not one of {TASKS}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"predictions file {path} does not exist")
-  if path.endswith(".jsonl"):
-    return _read_ours(path, _jsonl_rows(path), task)
-  if not path.endswith(".csv"):
-    raise ValueError(f"predictions file {path}: expected a .jsonl or .csv file")
-  csv.field_size_limit(sys.maxsize)
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    columns = tuple(reader.fieldnames or ())
-    rows = list(reader)
+  suffix = pathlib.Path(path).suffix.lower()
+  if suffix not in (".jsonl", ".csv"):
+    raise PredictionsError(f"{path}: expected a .jsonl or .csv file")
+  text, _ = _decode(path, encoding)
+  if suffix == ".jsonl":
+    return _read_ours(path, _jsonl_rows(text.lstrip("\ufeff")), task)
+  columns, rows = _csv_rows(path, text)
   if set(RADFM_COLUMNS) <= set(columns):
     return _read_radfm_csv(path, rows, task)
   if {"answer", "prediction"} <= set(columns) and ("task" in columns or task):
-    return _read_ours(path, enumerate(rows), task)
-  raise ValueError(f"predictions file {path}: columns {list(columns)} are neither RadFM's "
-                   f"{list(RADFM_COLUMNS)} nor ours {list(OUR_CSV_COLUMNS)} (task may come from --task)")
+    return _read_ours(path, rows, task)
+  raise PredictionsError(f"{path}:1: columns {list(columns)} are neither RadFM's {list(RADFM_COLUMNS)} "
+                         f"nor ours {list(OUR_CSV_COLUMNS)} (task may come from --task)")
 
 
-def write(items: list[Item], out_dir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes predictions.jsonl and predictions.csv; returns their paths."""
+SCORE_COLUMNS = ("kind", "verdict", "reason", "chosen")
+
+
+def write(items: list[Item], out_dir: str | pathlib.Path, rows: list[dict] | None = None
+          ) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes predictions.jsonl and predictions.csv (with per-row scores when `rows` is given)."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  rows = rows if rows is not None else [{} for _ in items]
+  if len(rows) != len(items):
+    raise ValueError(f"{len(rows)} score rows for {len(items)} items")
+  extra = list(SCORE_COLUMNS) + sorted({k for r in rows for k in r} - set(SCORE_COLUMNS))
   jl, cs = out / "predictions.jsonl", out / "predictions.csv"
   with open(jl, "w", encoding="utf-8") as f:
-    for item in items:
-      f.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+    for item, r in zip(items, rows):
+      f.write(json.dumps({**item.to_json(), **({"scores": r} if r else {})}, ensure_ascii=False) + "\n")
   with open(cs, "w", newline="", encoding="utf-8") as f:
-    w = csv.DictWriter(f, fieldnames=OUR_CSV_COLUMNS)
+    w = csv.DictWriter(f, fieldnames=list(OUR_CSV_COLUMNS) + extra)
     w.writeheader()
-    for item in items:
+    for item, r in zip(items, rows):
       w.writerow({"id": item.id, "task": item.task, "source": item.source, "question": item.question,
                   "answer": item.answer, "prediction": item.prediction,
                   "modality": item.meta.get("modality", ""), "dim": item.meta.get("dim", ""),
-                  "meta": json.dumps(item.meta, sort_keys=True, ensure_ascii=False)})
+                  "meta": json.dumps(item.meta, sort_keys=True, ensure_ascii=False),
+                  **{k: "" if r.get(k) is None else r[k] for k in extra}})
   return jl, cs

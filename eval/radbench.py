@@ -27,8 +27,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from absl import app, flags, logging  # noqa: E402  pylint: disable=wrong-import-position
 
-from eval import bootstrap, predictions, report, scoring  # noqa: E402  pylint: disable=wrong-import-position
-from eval.metrics import text  # noqa: E402  pylint: disable=wrong-import-position
+from eval import bootstrap, outdir, predictions, report, scoring  # noqa: E402  pylint: disable=wrong-import-position
+from eval.metrics import meteor as meteor_lib  # noqa: E402  pylint: disable=wrong-import-position
 from eval.metrics.semantic import EmbeddingSimilarity, RaTEScoreMetric, default_embedding_model  # noqa: E402
 from eval.metrics.terms import DEFAULT_TERMS, TermMatcher  # noqa: E402  pylint: disable=wrong-import-position
 from eval.tasks import Item, Scorers  # noqa: E402  pylint: disable=wrong-import-position
@@ -55,14 +55,34 @@ _METEOR = flags.DEFINE_bool("meteor", True, "Compute METEOR when Java is availab
 _BASELINE = flags.DEFINE_string("baseline", None, "A baseline metrics.json to show next to the results.")
 _BASELINE_LABEL = flags.DEFINE_string("baseline_label", "baseline", "Column title of the baseline.")
 _TITLE = flags.DEFINE_string("title", "RadBench report", "Report title.")
+_TRAIN_REPORTS = flags.DEFINE_string(
+    "train_reports", None, "Predictions-format file whose answers are the training split's (the constant "
+    "reference row uses its most frequent report per task; default: the store's train split in model mode, "
+    "else the references).")
+_ENCODING = flags.DEFINE_string("encoding", None, "Text encoding of --predictions (default: UTF-8 with or "
+                                "without BOM, else Windows-1252, else Latin-1).")
+
+
+OUTPUT_FILES = ("predictions.jsonl", "predictions.csv", "metrics.json", "report.md", "task_scores.png",
+                "breakdown.png", "modality_confusion.png")
 
 
 def make_scorers(embedding_model: str | None = None, ratescore_ner: str | None = None,
                  ratescore_encoder: str | None = None, terms: str | pathlib.Path = DEFAULT_TERMS,
-                 meteor: bool = True) -> Scorers:
+                 meteor: bool = True, train_reports: dict[str, Sequence[str]] | None = None) -> Scorers:
   return Scorers(semantic=EmbeddingSimilarity(embedding_model or default_embedding_model()),
                  ratescore=RaTEScoreMetric(ratescore_ner, ratescore_encoder),
-                 terms=TermMatcher(terms), meteor=text.MeteorScorer() if meteor else None)
+                 terms=TermMatcher(terms), meteor=meteor_lib.MeteorScorer() if meteor else None,
+                 train_reports=train_reports)
+
+
+def read_train_reports(path: str) -> dict[str, list[str]]:
+  """{task: answers} of a predictions-format file (.jsonl / .csv; its `answer` column)."""
+  items, _ = predictions.read(path)
+  out: dict[str, list[str]] = {}
+  for item in items:
+    out.setdefault(item.task, []).append(item.answer)
+  return out
 
 
 def score_and_report(items: Sequence[Item], errors: Sequence[RowError], out: str | pathlib.Path,
@@ -70,22 +90,37 @@ def score_and_report(items: Sequence[Item], errors: Sequence[RowError], out: str
                      source: str = "", title: str = "RadBench report",
                      baseline: dict[str, Any] | None = None, baseline_label: str = "baseline",
                      run_info: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes predictions.{jsonl,csv}, metrics.json and report.md into `out`; returns the metrics."""
-  out = pathlib.Path(out)
-  predictions.write(list(items), out)
-  t0 = time.time()
-  metrics = scoring.score(items, scorers, n_boot=n_boot, seed=seed)
-  metrics["scoring_seconds"] = round(time.time() - t0, 2)
-  metrics["source"] = source
-  metrics["run"] = run_info or {}
-  metrics["skipped"] = [dataclasses.asdict(e) for e in errors]
-  (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
-  report.write(metrics, out, title=title, source=source, errors=len(errors), baseline=baseline,
-               baseline_label=baseline_label)
+  """Writes predictions.{jsonl,csv} (with per-row scores), metrics.json and report.md into `out`
+  (staged in a temporary folder and moved into place at the end: `eval.outdir`); returns the metrics.
+  Rows with an empty ground truth become errors; duplicated rows are listed."""
+  items, bad, duplicates = scoring.validate(items, source)
+  errors = list(errors) + bad
+  if not items:
+    raise ValueError(f"no scorable items ({len(errors)} rows skipped)")
+  with outdir.staged(out, OUTPUT_FILES) as tmp:
+    t0 = time.time()
+    rows: list[dict] = []
+    metrics = scoring.score(items, scorers, n_boot=n_boot, seed=seed, rows=rows)
+    metrics["scoring_seconds"] = round(time.time() - t0, 2)
+    metrics["source"] = source
+    metrics["run"] = run_info or {}
+    metrics["skipped"] = [dataclasses.asdict(e) for e in errors]
+    metrics["duplicates"] = duplicates
+    predictions.write(list(items), tmp, rows)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
+    report.write(metrics, tmp, title=title, source=source, errors=len(errors), baseline=baseline,
+                 baseline_label=baseline_label)
   return metrics
 
 
 def main(argv: Sequence[str]) -> None:
+  try:
+    run(argv)
+  except (predictions.PredictionsError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None  # one line, no traceback
+
+
+def run(argv: Sequence[str]) -> None:
   del argv
   if bool(_PREDICTIONS.value) == bool(_CHECKPOINT.value):
     raise app.UsageError("give exactly one of --predictions or --checkpoint (with --store)")
@@ -93,8 +128,9 @@ def main(argv: Sequence[str]) -> None:
   if _BASELINE.value:
     baseline = json.loads(pathlib.Path(_BASELINE.value).read_text(encoding="utf-8"))
   if _PREDICTIONS.value:
-    items, errors = predictions.read(_PREDICTIONS.value, task=_TASK.value)
+    items, errors = predictions.read(_PREDICTIONS.value, task=_TASK.value, encoding=_ENCODING.value)
     source, run_info = _PREDICTIONS.value, {"mode": "predictions"}
+    train = read_train_reports(_TRAIN_REPORTS.value) if _TRAIN_REPORTS.value else None
   else:
     if not _STORE.value:
       raise app.UsageError("--checkpoint needs --store")
@@ -106,11 +142,18 @@ def main(argv: Sequence[str]) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     if jax.process_index() != 0:
       return  # every process generates (sharded); process 0 scores and writes
+    if _TRAIN_REPORTS.value:
+      train = read_train_reports(_TRAIN_REPORTS.value)
+    else:
+      from radfm_jax.data.store import Store  # pylint: disable=import-outside-toplevel  (tensorstore; model mode only)
+      train = {}
+      for rec in Store.open(_STORE.value).records(split="train"):
+        train.setdefault(rec.get("task", ""), []).append(rec.get("answer", ""))
   for e in errors:
     logging.warning("skipped %s row %s: %s", e.source, e.row, e.reason)
   if not items:
     raise SystemExit(f"no scorable items ({len(errors)} rows skipped); see the warnings above")
-  scorers = make_scorers(_EMBED.value, _RATE_NER.value, _RATE_ENC.value, _TERMS.value, _METEOR.value)
+  scorers = make_scorers(_EMBED.value, _RATE_NER.value, _RATE_ENC.value, _TERMS.value, _METEOR.value, train)
   try:
     metrics = score_and_report(items, errors, _OUT.value, scorers, n_boot=_N_BOOT.value, seed=_SEED.value,
                                source=source, title=_TITLE.value, baseline=baseline,

@@ -30,34 +30,48 @@ def fmt_ci(ci: list) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _scaled(name: str, est: dict) -> tuple[str, float, float, float]:
-  """(label, value, lo, hi) on a 0-1 axis: CIDEr (0-10) is divided by 10."""
-  k = 10.0 if name.endswith("cider") else 1.0
-  v = est["value"]
-  lo = est["ci"][0] if est["ci"][0] is not None else v
-  hi = est["ci"][1] if est["ci"][1] is not None else v
-  return (f"{name} / 10" if k != 1.0 else name), v / k, lo / k, hi / k
+_WIDE = ("cider",)  # metrics on a 0-10 scale: plotted in their own panel, never rescaled
+
+
+def _bar_rows(body: dict[str, Any], wide: bool) -> list[tuple[str, float, float, float, int]]:
+  rows = []
+  for name, est in body["metrics"].items():
+    if est["value"] is None or name.endswith(_WIDE) != wide:
+      continue
+    v = est["value"]
+    lo = est["ci"][0] if est["ci"][0] is not None else v
+    hi = est["ci"][1] if est["ci"][1] is not None else v
+    rows.append((name, v, lo, hi, est["n"]))
+  return rows[::-1]
 
 
 def plot_task_scores(metrics: dict[str, Any], path: pathlib.Path) -> None:
-  tasks = [t for t, b in metrics["tasks"].items() if any(v["value"] is not None for v in b["metrics"].values())]
-  heights = [len(metrics["tasks"][t]["metrics"]) for t in tasks]
-  fig, axes = plt.subplots(len(tasks), 1, figsize=(8, 0.32 * sum(heights) + 0.9 * len(tasks)),
+  """One panel per task (and one per task for 0-10 metrics such as CIDEr); each bar is labelled with
+  the value and n printed in the headline table."""
+  panels = []
+  for task, body in metrics["tasks"].items():
+    for wide in (False, True):
+      rows = _bar_rows(body, wide)
+      if rows:
+        panels.append((task, wide, rows))
+  heights = [len(p[2]) for p in panels]
+  fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.32 * sum(heights) + 0.9 * len(panels)),
                            gridspec_kw={"height_ratios": heights}, squeeze=False)
-  for ax, task in zip(axes[:, 0], tasks):
-    rows = [_scaled(k, v) for k, v in metrics["tasks"][task]["metrics"].items() if v["value"] is not None][::-1]
+  for ax, (task, wide, rows) in zip(axes[:, 0], panels):
     names = [r[0] for r in rows]
     vals, lo, hi = (np.array([r[i] for r in rows]) for i in (1, 2, 3))
     y = np.arange(len(names))
-    ax.barh(y, vals, color="#4C72B0", alpha=0.85)
+    ax.barh(y, vals, color="#DD8452" if wide else "#4C72B0", alpha=0.85)
     ax.errorbar(vals, y, xerr=[vals - lo, hi - vals], fmt="none", ecolor="black", capsize=3, lw=1)
-    for yi, v, h in zip(y, vals, hi):
-      ax.text(h + 0.01, yi, f"{v:.3f}", va="center", fontsize=7)
+    top = max(1.0, float(hi.max())) * 1.25 if wide else 1.25
+    for yi, v, h, r in zip(y, vals, hi, rows):
+      ax.text(h + 0.01 * top, yi, f"{fmt(v)}  n={r[4]}", va="center", fontsize=7)
     ax.set_yticks(y, names, fontsize=8)
-    ax.set_xlim(0, 1.1)
-    ax.set_title(f"{task} (n={metrics['tasks'][task]['n']})", fontsize=10, loc="left")
+    ax.set_xlim(0, top)
+    kinds = ", ".join(f"{k} {n}" for k, n in metrics["tasks"][task].get("kinds", {}).items())
+    ax.set_title(f"{task}{' (0-10 scale)' if wide else ''}: {kinds}", fontsize=9, loc="left")
     ax.grid(axis="x", alpha=0.3)
-  axes[-1, 0].set_xlabel("score with 95% bootstrap CI")
+  axes[-1, 0].set_xlabel("score with 95% bootstrap CI (values as in the tables)")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -95,8 +109,11 @@ def plot_breakdown(metrics: dict[str, Any], path: pathlib.Path) -> bool:
       vals.append(v)
       err_lo.append(v - est["ci"][0] if est and est["ci"][0] is not None else 0)
       err_hi.append(est["ci"][1] - v if est and est["ci"][1] is not None else 0)
-    ax.bar(x + gi * width - 0.4 + width / 2, vals, width, label=group,
-           yerr=[err_lo, err_hi], capsize=2, error_kw={"lw": 0.8})
+    bars = ax.bar(x + gi * width - 0.4 + width / 2, vals, width, label=group,
+                  yerr=[err_lo, err_hi], capsize=2, error_kw={"lw": 0.8})
+    for b, v in zip(bars, vals):
+      if np.isfinite(v):
+        ax.text(b.get_x() + b.get_width() / 2, 0.01, fmt(v), ha="center", va="bottom", fontsize=6, rotation=90)
   ax.set_xticks(x, list(series), rotation=20, ha="right", fontsize=8)
   ax.set_ylabel("score (95% CI)")
   ax.set_title("Primary metric per dimensionality and modality group", fontsize=10)
@@ -130,16 +147,49 @@ def plot_confusion(conf: dict[str, Any], path: pathlib.Path) -> None:
 
 # ------------------------------------------------------------------------------------------- markdown
 def _headline_table(metrics: dict[str, Any], baseline: dict[str, Any] | None, label: str) -> list[str]:
+  floors = any(b.get("reference_rows") for b in metrics["tasks"].values())
   base_col = f" {label} |" if baseline else ""
-  lines = [f"| task | metric | value | 95% CI | n |{base_col}", "|---|---|---:|---|---:|" + ("---:|" if baseline else "")]
+  floor_cols = " constant report | shuffled references |" if floors else ""
+  lines = [f"| task | metric | value | 95% CI | n |{floor_cols}{base_col}",
+           "|---|---|---:|---|---:|" + ("---:|---:|" if floors else "") + ("---:|" if baseline else "")]
   for r in headline_rows(metrics):
     name = f"**{r['metric']}**" if r["primary"] else r["metric"]
     row = f"| {r['task']} | {name} | {fmt(r['value'])} | {fmt_ci([r['lo'], r['hi']])} | {r['n']} |"
+    if floors:
+      ref = metrics["tasks"][r["task"]].get("reference_rows") or {}
+      row += "".join(f" {fmt(ref.get(k, {}).get(r['metric']))} |" for k in ("constant", "shuffled"))
     if baseline:
       b = baseline.get("tasks", {}).get(r["task"], {}).get("metrics", {}).get(r["metric"])
       row += f" {fmt(b['value']) if b else 'n/a'} |"
     lines.append(row)
   return lines
+
+
+def _floor_notes(metrics: dict[str, Any]) -> list[str]:
+  lines = []
+  for task, body in metrics["tasks"].items():
+    ref = body.get("reference_rows")
+    if ref:
+      text = ref["constant_text"]
+      lines.append(f"- {task}: constant report = the most frequent report of the {ref['constant_source']} "
+                   f"(\"{_cell(text[:160])}{'...' if len(text) > 160 else ''}\"); shuffled references = "
+                   "each row scored against another row's reference (seeded).")
+  if lines:
+    lines = ["Reference rows: a model should beat both floors; a score below them carries no information "
+             "about the image.", ""] + lines + [""]
+  return lines
+
+
+def _verdict_table(metrics: dict[str, Any]) -> list[str]:
+  rows = [(t, b["verdicts"]) for t, b in metrics["tasks"].items() if b.get("verdicts")]
+  if not rows:
+    return []
+  lines = ["## Closed answers: the judge's verdicts", "",
+           "Hedges and contradictions are wrong; an answer naming no option is *unanswered* and scored wrong. "
+           "Each row's verdict and reason is in predictions.csv.", "",
+           "| task | correct | wrong | unanswered |", "|---|---:|---:|---:|"]
+  lines += [f"| {t} | {v.get('correct', 0)} | {v.get('wrong', 0)} | {v.get('unanswered', 0)} |" for t, v in rows]
+  return lines + [""]
 
 
 def _cell(text: str) -> str:
@@ -193,6 +243,15 @@ def write(metrics: dict[str, Any], out_dir: str | pathlib.Path, *, title: str = 
          "## Headline numbers", ""]
   md += _headline_table(metrics, baseline, baseline_label)
   md.append("")
+  md += _floor_notes(metrics)
+  md += _verdict_table(metrics)
+  dups = metrics.get("duplicates") or []
+  if dups:
+    md += [f"Duplicated rows: {len(dups)} groups ({sum(d['count'] for d in dups)} rows), scored as given; "
+           "ids in metrics.json `duplicates`.", ""]
+  cut = {t: b["truncated_predictions"] for t, b in metrics["tasks"].items() if b.get("truncated_predictions")}
+  if cut:
+    md += ["Predictions cut to the text metrics' word cap: " + ", ".join(f"{t} {n}" for t, n in cut.items()), ""]
   if any(b["metrics"] for b in metrics["tasks"].values()):
     plot_task_scores(metrics, out / "task_scores.png")
     md += ["![Per-task scores with 95% CIs](task_scores.png)", ""]

@@ -56,7 +56,7 @@ def test_read_radfm_csv(tmp_path):
   _write_radfm_csv(path)
   items, errors = predictions.read(str(path))
   assert len(items) == len(RADFM_ROWS) - 1
-  assert [(e.row, "mystery_dataset" in e.reason) for e in errors] == [(len(RADFM_ROWS) - 1, True)]
+  assert [(e.row, "mystery_dataset" in e.reason) for e in errors] == [(len(RADFM_ROWS) + 1, True)]  # file line
   first = items[0]
   assert (first.task, first.answer, first.prediction, first.source) == (
       "modality", "CT", "This is a CT scan.", "radiomodality_dataset")
@@ -142,7 +142,7 @@ def test_bad_input_is_named(tmp_path):
     predictions.read(str(tmp_path / "missing.csv"))
   bad = tmp_path / "bad.csv"
   bad.write_text("foo,bar\n1,2\n")
-  with pytest.raises(ValueError, match=r"bad.csv: columns \['foo', 'bar'\]"):
+  with pytest.raises(predictions.PredictionsError, match=r"bad.csv:1: columns \['foo', 'bar'\]"):
     predictions.read(str(bad))
   rows = tmp_path / "rows.jsonl"
   rows.write_text('{"id": "1", "task": "vqa", "answer": "yes", "prediction": "no"}\n'
@@ -151,4 +151,4 @@ def test_bad_input_is_named(tmp_path):
   items, errors = predictions.read(str(rows))
   assert [i.id for i in items] == ["1"]
   assert [(e.row, k in e.reason) for e, k in zip(errors, ("surgery", "invalid JSON", "prediction"))] == [
-      (1, True), (2, True), (3, True)]
+      (2, True), (3, True), (4, True)]  # 1-based file lines

@@ -8,6 +8,8 @@ Modules: `context` (clauses, negation / uncertainty scope), `modality` (modality
 `question` (the asked finding, options written in the question), `findings` (finding concepts,
 synonyms, implicit denial), `verdict` (routing and the verdict).
 """
+from eval.judge.context import asserted, statuses
 from eval.judge.verdict import CORRECT, LABELS, OPEN, UNANSWERED, WRONG, Verdict, closed_options, judge
 
-__all__ = ["CORRECT", "LABELS", "OPEN", "UNANSWERED", "WRONG", "Verdict", "closed_options", "judge"]
+__all__ = ["CORRECT", "LABELS", "OPEN", "UNANSWERED", "WRONG", "Verdict", "asserted", "closed_options", "judge",
+           "statuses"]

@@ -208,3 +208,17 @@ def phrase_positions(stems: Sequence[str], phrase_stems: Sequence[str]) -> list[
 def phrase_stems(text: str) -> tuple[str, ...]:
   low, _ = _split_words(_TOKEN.findall(clean(text)))
   return tuple(stem(t) for t in low if t != ",")
+
+
+def statuses(text: str, phrase: str) -> list[str]:
+  """The status of every occurrence of `phrase` (matched on stems) in `text`."""
+  key = phrase_stems(phrase)
+  out = []
+  for c in clauses(text):
+    out += [status(c, pos) for pos in phrase_positions(c.stems, key)] if key else []
+  return out
+
+
+def asserted(text: str, phrase: str) -> bool:
+  """True when `text` names `phrase` at least once without negating or hedging it."""
+  return ASSERTED in statuses(text, phrase)

@@ -4,14 +4,11 @@ Per-sample statistics are counts (`eval.metrics.base`), so the bootstrap and the
 the point values equal scikit-learn's (`precision_recall_fscore_support` with `zero_division=0`), which
 `per_label_table` and `confusion` call directly and the tests check.
 
-Answer parsing (documented in `eval.normalize`):
-* yes/no: `parse_yes_no`; an unparseable prediction is wrong, and counts as "not yes" for F1
-  (positive class "yes").
-* closed VQA: correct when the normalised prediction equals the normalised answer; with `choices`, when
-  the answer is the only choice the prediction names (a choice contained in a longer named choice does
-  not count); without choices, when the answer occurs as a whole phrase in the prediction.
-* multi-label: a label is predicted when its normalised text occurs as a whole phrase in the normalised
-  prediction (negations such as "no effusion" are not detected: a documented limitation).
+Closed answers are read by the answer judge (`eval.judge`); these functions take its verdicts:
+* yes/no: accuracy = the judge's "correct"; F1 with positive class "yes" counts a hedge, a
+  contradiction or an unanswered reply as "not yes".
+* multi-label: a label is predicted when the prediction *asserts* it (named as a whole phrase, not
+  negated, not hedged: "no pneumonia" does not predict pneumonia).
 """
 from __future__ import annotations
 
@@ -21,6 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from eval import normalize
+from eval.judge import context as judge_context
+from eval.judge import modality as judge_modality
 from eval.metrics.base import SampleStats, mean_metric
 
 SKLEARN_NOTE = "zero_division=0; equals sklearn.metrics.precision_recall_fscore_support"
@@ -31,10 +30,6 @@ def accuracy(correct: Sequence[bool], name: str = "accuracy", signature: str = "
 
 
 # ------------------------------------------------------------------------------------------------ yes/no
-def yes_no_correct(pred: str, ref: str) -> bool:
-  return normalize.parse_yes_no(pred) == normalize.normalize_answer(ref)
-
-
 def _f1_from_counts(sums: np.ndarray) -> np.ndarray:
   tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
   denom = 2 * tp + fp + fn
@@ -42,66 +37,35 @@ def _f1_from_counts(sums: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
 
 
-def yes_no_metrics(preds: Sequence[str], refs: Sequence[str]) -> list[SampleStats]:
-  """[accuracy, f1] with 'yes' the positive class."""
-  parsed = [normalize.parse_yes_no(p) for p in preds]
-  truth = [normalize.normalize_answer(r) for r in refs]
-  for r, raw in zip(truth, refs):
-    if r not in (normalize.YES, normalize.NO):
-      raise ValueError(f"yes/no metric given a reference that is not yes/no: {raw!r}")
-  y_true = np.array([r == normalize.YES for r in truth])
-  y_pred = np.array([p == normalize.YES for p in parsed])
-  counts = np.stack([y_true & y_pred, ~y_true & y_pred, y_true & ~y_pred], axis=1).astype(np.float64)
-  sig = "normalize.parse_yes_no; unparseable = wrong"
-  return [accuracy([p == r for p, r in zip(parsed, truth)], signature=sig),
+def binary_metrics(y_true: Sequence[bool], y_pred: Sequence[bool], correct: Sequence[bool],
+                   signature: str = "") -> list[SampleStats]:
+  """[accuracy, f1]: accuracy from the judge's verdicts, F1 with 'yes' the positive class."""
+  t, p = np.asarray(y_true, bool), np.asarray(y_pred, bool)
+  counts = np.stack([t & p, ~t & p, t & ~p], axis=1).astype(np.float64)
+  return [accuracy(correct, signature=signature),
           SampleStats("f1", counts, _f1_from_counts, f"positive=yes|{SKLEARN_NOTE}")]
-
-
-# ---------------------------------------------------------------------------------------------- closed QA
-def _mentioned(norm_text: str, norm_choices: Sequence[str]) -> list[str]:
-  found = [c for c in norm_choices if normalize.contains_phrase(norm_text, c)]
-  return [c for c in found if not any(c != o and normalize.contains_phrase(o, c) for o in found)]
-
-
-def closed_correct(pred: str, ref: str, choices: Sequence[str] | None = None) -> bool:
-  """See module doc."""
-  r, p = normalize.normalize_answer(ref), normalize.normalize_answer(pred)
-  if r in (normalize.YES, normalize.NO):
-    return normalize.parse_yes_no(pred) == r
-  if p == r:
-    return True
-  if choices:
-    norm_choices = sorted({normalize.normalize_answer(c) for c in choices} | {r})
-    return _mentioned(p, norm_choices) == [r]
-  return normalize.contains_phrase(p, r)
 
 
 # ---------------------------------------------------------------------------------------------- modality
 def modality_label(text: str) -> str:
   """Canonical modality of a free-text answer, 'unrecognized' when it names none."""
-  return normalize.canonical_modality(text) or "unrecognized"
+  return judge_modality.canonical(text) or "unrecognized"
 
 
-def modality_correct(pred: str, ref: str) -> bool:
-  """Yes/no references are scored as yes/no; otherwise canonical modalities must match (an
-  unrecognised reference falls back to normalised exact match)."""
-  r = normalize.normalize_answer(ref)
-  if r in (normalize.YES, normalize.NO):
-    return normalize.parse_yes_no(pred) == r
-  canon = normalize.canonical_modality(ref)
-  if canon is None:
-    return normalize.normalize_answer(pred) == r
-  return normalize.canonical_modality(pred) == canon
+def verdict_label(verdict) -> str:
+  """The confusion-matrix column of a judged modality answer: the modality chosen, else why not."""
+  if verdict.chosen:
+    return judge_modality.canonical(verdict.chosen) or verdict.chosen
+  return "unanswered" if verdict.label == "unanswered" else "hedge/contradiction"
 
 
-def confusion(refs: Sequence[str], preds: Sequence[str]) -> dict:
-  """Modality confusion matrix (rows: reference, columns: prediction) via sklearn."""
+def confusion(y_true: Sequence[str], y_pred: Sequence[str]) -> dict:
+  """Modality confusion matrix (rows: reference label, columns: predicted label) via sklearn."""
   from sklearn.metrics import confusion_matrix  # pylint: disable=import-outside-toplevel
-  y_true = [modality_label(r) for r in refs]
-  y_pred = [modality_label(p) for p in preds]
-  order = list(normalize.MODALITIES) + ["unrecognized"]
-  labels = [m for m in order if m in set(y_true) | set(y_pred)]
-  matrix = confusion_matrix(y_true, y_pred, labels=labels)
+  order = list(judge_modality.MODALITIES) + ["unrecognized", "hedge/contradiction", "unanswered"]
+  present = set(y_true) | set(y_pred)
+  labels = [m for m in order if m in present] + sorted(present - set(order))
+  matrix = confusion_matrix(list(y_true), list(y_pred), labels=labels)
   return {"labels": labels, "matrix": matrix.astype(int).tolist()}
 
 
@@ -114,10 +78,16 @@ def split_labels(text: str) -> list[str]:
   return sorted({normalize.normalize_answer(t) for t in _SPLIT.split(text)} - {""})
 
 
-def predicted_labels(pred: str, vocabulary: Sequence[str]) -> list[str]:
-  """Vocabulary labels (normalised) named in the prediction."""
-  return _mentioned(normalize.normalize_answer(pred), vocabulary)
+def _mentioned(norm_text: str, norm_choices: Sequence[str]) -> list[str]:
+  found = [c for c in norm_choices if normalize.contains_phrase(norm_text, c)]
+  return [c for c in found if not any(c != o and normalize.contains_phrase(o, c) for o in found)]
 
+
+def predicted_labels(pred: str, vocabulary: Sequence[str]) -> list[str]:
+  """Vocabulary labels (normalised) the prediction asserts; a label inside a longer named label
+  ("effusion" in "pleural effusion") counts only through the longer one."""
+  named = _mentioned(normalize.normalize_answer(pred), vocabulary)
+  return [lab for lab in named if judge_context.asserted(pred, lab)]
 
 def binarize(label_sets: Sequence[Sequence[str]], vocabulary: Sequence[str]) -> np.ndarray:
   index = {v: i for i, v in enumerate(vocabulary)}

@@ -5,9 +5,12 @@ this project ships `eval/data/radiology_terms.txt` (~550 open, hand-written radi
 findings, diseases, devices, techniques) and matches it lexically. Numbers are comparable between
 systems scored with the same file, not with the paper's UMLS values.
 
-Matching: text is normalised (`normalize.normalize_answer`), each word Porter-stemmed (nltk, no data
-files needed), then terms are found greedily longest-first, left to right, without overlaps; a text's
-terms are a *set*. Negation ("no effusion") is not detected. Per sample: matched = |pred ∩ ref|.
+Matching: text is cut into clauses and words by the answer judge (`eval.judge.context`), each word
+Porter-stemmed (nltk, no data files needed), then terms are found greedily longest-first, left to
+right, without overlaps, within a clause; a text's terms are a *set* of the terms it *asserts*: a term
+under a negation ("no effusion", "pneumothorax is absent") or in a hedged clause ("possible
+pneumonia") is not counted, so a report that negates every finding asserts none of them.
+Per sample: matched = |pred ∩ ref|.
 Precision = Σ matched / Σ |pred terms|, recall = Σ matched / Σ |ref terms| (micro-averaged over the
 scored samples, so samples without terms do not produce undefined ratios).
 """
@@ -21,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from eval import normalize
+from eval.judge import context
 from eval.metrics.base import SampleStats, ratio_metric
 from eval.metrics.text import version
 
@@ -60,24 +64,35 @@ class TermMatcher:
       raise ValueError(f"term list {self.path} has no terms")
     self.max_len = max(len(k) for k in self.terms)
 
-  def find(self, text: str) -> set[str]:
-    """The (canonical spellings of the) terms in `text`."""
-    words, found, i = _stems(text), set(), 0
+  def _clause_terms(self, words: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    out, i = [], 0
     while i < len(words):
       for n in range(min(self.max_len, len(words) - i), 0, -1):
         term = self.terms.get(words[i:i + n])
         if term is not None:
-          found.add(term)
+          out.append((term, tuple(range(i, i + n))))
           i += n
           break
       else:
         i += 1
+    return out
+
+  def find(self, text: str, asserted_only: bool = True) -> set[str]:
+    """The (canonical spellings of the) terms `text` asserts (all it names with asserted_only=False)."""
+    found = set()
+    stem = _stemmer().stem
+    for clause in context.clauses(text):
+      keep = [i for i, t in enumerate(clause.tokens) if t != ","]
+      words = tuple(stem(clause.tokens[i]) for i in keep)
+      for term, pos in self._clause_terms(words):
+        if not asserted_only or context.status(clause, [keep[p] for p in pos]) == context.ASSERTED:
+          found.add(term)
     return found
 
   @property
   def signature(self) -> str:
     return (f"{self.path.name} sha256:{self.sha256} ({len(self.terms)} terms)|porter stem "
-            f"(nltk=={version('nltk')})|longest match|micro")
+            f"(nltk=={version('nltk')})|longest match|asserted only (eval.judge negation/uncertainty)|micro")
 
   def __call__(self, preds: Sequence[str], refs: Sequence[str]) -> list[SampleStats]:
     matched, n_pred, n_ref = [], [], []

@@ -6,8 +6,7 @@
 * CIDEr: pycocoevalcap's CIDEr-D scorer (pure python). The Java PTB tokenizer is not used: text is
   lower-cased with punctuation removed in python (`simple_tokens`). Document frequencies come from the
   references of the scored set; breakdown subsets reuse them.
-* METEOR: pycocoevalcap's bundled meteor-1.5.jar (`-l en -norm`), only when `java` is on PATH;
-  mean of segment scores. Without Java it is `Unavailable`, never 0.
+* METEOR: `eval.metrics.meteor` (the jar's corpus score, in a bounded subprocess).
 * Token F1 / recall (open VQA): SQuAD-style bag-of-words overlap on `normalize.answer_tokens`;
   recall is the fraction of ground-truth tokens found in the prediction.
 """
@@ -16,16 +15,13 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.metadata
-import os
 import re
-import shutil
-import subprocess
 from typing import Sequence
 
 import numpy as np
 
 from eval import normalize
-from eval.metrics.base import Metric, SampleStats, Unavailable, mean_metric
+from eval.metrics.base import SampleStats, mean_metric
 
 BLEU_ORDERS = (1, 2, 3, 4)
 
@@ -43,8 +39,12 @@ def simple_tokens(text: str) -> str:
   return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
+  """Image tokens stripped, whitespace collapsed (the input of every text metric)."""
   return " ".join(normalize.strip_image_tokens(str(text)).split())
+
+
+_clean = clean_text
 
 
 # ---------------------------------------------------------------------------------------------- token F1
@@ -121,54 +121,3 @@ def cider(preds: Sequence[str], refs: Sequence[str]) -> SampleStats:
   _, scores = Cider().compute_score(gts, res)
   sig = f"pycocoevalcap=={version('pycocoevalcap')}|CIDEr-D|tok:python lower+strip-punct|df:scored set"
   return mean_metric("cider", np.asarray(scores, np.float64), sig)
-
-
-# ------------------------------------------------------------------------------------------------ METEOR
-def meteor_unavailable_reason() -> str | None:
-  """None when METEOR can run here, else why not."""
-  if shutil.which("java") is None:
-    return "java not found on PATH (pycocoevalcap's meteor-1.5.jar needs a Java runtime)"
-  try:
-    import pycocoevalcap.meteor.meteor as mod  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    return f"pycocoevalcap not importable: {e}"
-  jar = os.path.join(os.path.dirname(mod.__file__), mod.METEOR_JAR)
-  if not os.path.exists(jar):
-    return f"{jar} missing"
-  return None
-
-
-@functools.lru_cache(maxsize=None)
-def _java_version() -> str:
-  try:
-    out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60, check=False)
-    return (out.stderr or out.stdout).splitlines()[0].strip()
-  except (OSError, subprocess.SubprocessError, IndexError):
-    return "unknown"
-
-
-class MeteorScorer:
-  """One METEOR jar process, started on first use and closed by `close()` (or at exit)."""
-
-  def __init__(self):
-    self._meteor = None
-
-  def __call__(self, preds: Sequence[str], refs: Sequence[str]) -> Metric:
-    reason = meteor_unavailable_reason()
-    if reason:
-      return Unavailable("meteor", reason)
-    if self._meteor is None:
-      from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=import-outside-toplevel
-      self._meteor = Meteor()
-    clean = lambda t: _clean(t).replace("|||", " ")
-    gts = {i: [clean(r)] for i, r in enumerate(refs)}
-    res = {i: [clean(p)] for i, p in enumerate(preds)}
-    _, scores = self._meteor.compute_score(gts, res)
-    sig = (f"pycocoevalcap=={version('pycocoevalcap')}|meteor-1.5.jar -l en -norm|{_java_version()}"
-           "|mean of segment scores")
-    return mean_metric("meteor", scores, sig)
-
-  def close(self) -> None:
-    if self._meteor is not None:
-      m, self._meteor = self._meteor, None
-      del m
