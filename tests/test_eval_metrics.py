@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from eval.metrics import classification, semantic, terms, text
+from eval.metrics import classification, meteor, semantic, terms, text
 from eval.metrics.base import Unavailable
 
 PREDS = ["The heart is enlarged. There is a small left pleural effusion.",
@@ -57,17 +57,26 @@ def test_token_f1_and_recall_hand_computed():
   assert rec.value() == pytest.approx(1 / 3)
 
 
-def test_yes_no_accuracy_and_f1_equal_sklearn():
+def test_binary_metrics_from_verdicts_equal_sklearn():
   from sklearn.metrics import f1_score
-  preds = ["Yes.", "no", "yes", "maybe", "No, none.", "yes"]
+  from eval.judge import judge
+  q = "Is there a pleural effusion?"
+  preds = ["Yes.", "no", "yes", "maybe", "No effusion; small pneumothorax.", "Small effusion, no pneumothorax."]
   refs = ["yes", "yes", "no", "yes", "no", "yes"]
-  acc, f1 = classification.yes_no_metrics(preds, refs)
-  assert acc.value() == pytest.approx(3 / 6)  # rows 0, 4, 5
-  y_true = [r == "yes" for r in refs]
+  verdicts = [judge(q, r, p) for p, r in zip(preds, refs)]
+  acc, f1 = classification.binary_metrics([r == "yes" for r in refs], [v.chosen == "yes" for v in verdicts],
+                                          [v.correct for v in verdicts])
+  assert acc.value() == pytest.approx(3 / 6)  # rows 0, 4, 5; row 3 is a hedge (wrong)
   y_pred = [True, False, True, False, False, True]
-  assert f1.value() == pytest.approx(f1_score(y_true, y_pred))
-  with pytest.raises(ValueError, match="not yes/no"):
-    classification.yes_no_metrics(["yes"], ["pneumonia"])
+  assert f1.value() == pytest.approx(f1_score([r == "yes" for r in refs], y_pred))
+
+
+def test_multilabel_counts_only_asserted_labels():
+  vocab = ["effusion", "pleural effusion", "pneumonia", "atelectasis"]
+  assert classification.predicted_labels("Small pleural effusion, no pneumonia. Possible atelectasis.", vocab) == [
+      "pleural effusion"]
+  assert classification.split_labels("Pneumonia, pleural effusion and atelectasis") == [
+      "atelectasis", "pleural effusion", "pneumonia"]
 
 
 def test_multilabel_equals_sklearn():
@@ -84,9 +93,10 @@ def test_multilabel_equals_sklearn():
 
 
 def test_confusion_matrix():
-  conf = classification.confusion(["CT", "MRI", "MR", "X-ray"], ["CT scan", "CT", "MRI", "a photo"])
-  assert conf["labels"] == ["CT", "MR", "X-ray", "unrecognized"]
+  conf = classification.confusion(["CT", "MR", "MR", "X-ray"], ["CT", "CT", "MR", "unanswered"])
+  assert conf["labels"] == ["CT", "MR", "X-ray", "unanswered"]
   assert conf["matrix"] == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+  assert classification.modality_label("a photo") == "unrecognized"
 
 
 def test_term_precision_recall_hand_computed(tmp_path):
@@ -96,6 +106,12 @@ def test_term_precision_recall_hand_computed(tmp_path):
   # pred {pleural effusion, pneumothorax}; ref {pleural effusion, atelectasis, lung}: 1 shared.
   p, r = matcher(["Pleural effusion and pneumothorax."], ["Pleural effusion with atelectasis of the lung."])
   assert (p.value(), r.value()) == pytest.approx((1 / 2, 1 / 3))
+  # Only asserted terms count: a report that negates every finding asserts none of them.
+  negating = "No pleural effusion, pneumothorax or consolidation. No cardiomegaly."
+  assert matcher.find(negating) == set() and matcher.find(negating, asserted_only=False) == {
+      "pleural effusion", "pneumothorax", "consolidation", "cardiomegaly"}
+  p, r = matcher([negating], ["Pleural effusion and pneumothorax."])
+  assert r.value() == 0.0 and np.isnan(p.value())  # 0 / 0 predicted terms: undefined, never 1.0
   custom = tmp_path / "terms.txt"
   custom.write_text("# comment\nleft lower lobe\nlobe\n")
   assert terms.TermMatcher(custom).find("left lower lobe and upper lobe") == {"left lower lobe", "lobe"}
@@ -105,22 +121,56 @@ def test_term_precision_recall_hand_computed(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def meteor():
-  scorer = text.MeteorScorer()
+def meteor_scorer():
+  scorer = meteor.MeteorScorer()
   yield scorer
   scorer.close()
 
 
-def test_meteor_equals_jar_and_is_unavailable_without_java(meteor, monkeypatch):
-  assert text.meteor_unavailable_reason() is None, "this machine image ships Java"
-  m = meteor(PREDS, REFS)
-  jar = meteor._meteor  # pycocoevalcap's own Meteor object (one JVM per test session)
-  _, segs = jar.compute_score({i: [r] for i, r in enumerate(REFS)}, {i: [p] for i, p in enumerate(PREDS)})
-  assert m.value() == pytest.approx(float(np.mean(segs)), abs=1e-9)
-  assert 0 < m.value() < 1 and "meteor-1.5.jar" in m.signature
-  monkeypatch.setattr(text.shutil, "which", lambda name: None)
-  missing = text.MeteorScorer()(PREDS, REFS)
-  assert isinstance(missing, Unavailable) and "java" in missing.reason
+def test_meteor_is_the_libraries_corpus_score(meteor_scorer, monkeypatch):
+  from pycocoevalcap.meteor.meteor import Meteor
+  assert meteor.unavailable_reason() is None, "this machine image ships Java"
+  corpus, seg_mean = meteor_scorer(PREDS, REFS)
+  lib = Meteor()  # pycocoevalcap's own wrapper, one more JVM
+  try:
+    lib_corpus, lib_segs = lib.compute_score({i: [r] for i, r in enumerate(REFS)},
+                                             {i: [p] for i, p in enumerate(PREDS)})
+    sub, _ = lib.compute_score({0: [REFS[1]], 1: [REFS[2]]}, {0: [PREDS[1]], 1: [PREDS[2]]})
+  finally:
+    lib.close() if hasattr(lib, "close") else lib.__del__()
+  assert corpus.name == "meteor" and corpus.value() == pytest.approx(lib_corpus, abs=1e-9)
+  assert seg_mean.value() == pytest.approx(float(np.mean(lib_segs)), abs=1e-9)
+  assert corpus.value(np.array([1, 2])) == pytest.approx(sub, abs=1e-9)  # subsets: the jar's formula
+  assert seg_mean.value() > corpus.value()  # the old number was the (higher) segment mean
+  assert "corpus score" in corpus.signature and "capped at 1000 words" in corpus.signature
+  monkeypatch.setattr(meteor.shutil, "which", lambda name: None)
+  missing = meteor.MeteorScorer()(PREDS, REFS)
+  assert all(isinstance(m, Unavailable) and "java" in m.reason for m in missing)
+
+
+def test_meteor_formula_equals_jar_on_perfect_and_empty_segments(meteor_scorer):
+  preds = ["lungs are clear", "", "heart is enlarged"]
+  refs = ["lungs are clear", "no effusion", "the heart is enlarged"]
+  corpus, segs = meteor_scorer(preds, refs)
+  per_row = meteor.score_from_stats(corpus.stats)
+  assert per_row[1] == 0.0 and per_row[0] > 0.9  # an empty prediction scores 0, an identical one near 1
+  assert segs.stats[:, 0] == pytest.approx(per_row, abs=1e-9)
+
+
+def test_meteor_bounded_on_a_1mb_prediction(meteor_scorer):
+  import time
+  huge = ("The lungs are clear without focal consolidation and the heart is normal. " * 14000)[:1_000_000]
+  t0 = time.monotonic()
+  corpus, _ = meteor_scorer([huge, PREDS[1]], [REFS[0], REFS[1]])
+  assert time.monotonic() - t0 < 120
+  assert corpus.value() > 0 and "(1 texts cut)" in corpus.signature
+
+
+def test_meteor_failure_is_unavailable_and_the_jvm_ends(monkeypatch):
+  scorer = meteor.MeteorScorer(timeout_s=0.001)  # no reply can arrive in time
+  out = scorer(PREDS, REFS)
+  assert all(isinstance(m, Unavailable) and "TimeoutError" in m.reason for m in out)
+  assert scorer._jar is None  # closed: the JVM was ended, nothing left to hang in cleanup
 
 
 @pytest.fixture(scope="module")
