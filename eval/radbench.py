@@ -33,6 +33,7 @@ from eval.metrics.semantic import EmbeddingSimilarity, RaTEScoreMetric, default_
 from eval.metrics.terms import DEFAULT_TERMS, TermMatcher  # noqa: E402  pylint: disable=wrong-import-position
 from eval.tasks import Item, Scorers  # noqa: E402  pylint: disable=wrong-import-position
 from radfm_jax.data.schema import RowError  # noqa: E402  pylint: disable=wrong-import-position
+from radfm_jax.data.store import Store  # noqa: E402  pylint: disable=wrong-import-position
 
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "Score this predictions file (.jsonl / .csv).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory to generate predictions with.")
@@ -145,7 +146,6 @@ def run(argv: Sequence[str]) -> None:
     if _TRAIN_REPORTS.value:
       train = read_train_reports(_TRAIN_REPORTS.value)
     else:
-      from radfm_jax.data.store import Store  # pylint: disable=import-outside-toplevel  (tensorstore; model mode only)
       train = {}
       for rec in Store.open(_STORE.value).records(split="train"):
         train.setdefault(rec.get("task", ""), []).append(rec.get("answer", ""))

@@ -104,8 +104,21 @@ def test_cli_scores_radfm_csv_end_to_end(tmp_path):
   assert f"| modality | **accuracy** | 0.750 | {report.fmt_ci(acc['ci'])} | 4 |" in md
   assert f"{rep['rouge_l']['value']:.3f}" in md and f"{rep['cider']['value']:.3f}" in md
   assert "![Modality confusion](modality_confusion.png)" in md and "ratescore" in md
+  # METEOR: the library's corpus score; the per-segment mean under its own name.
+  assert "corpus score" in t["report"]["signatures"]["meteor"]
+  assert rep["meteor"]["value"] != pytest.approx(rep["meteor_segment_mean"]["value"])
+  # Floors next to every report score.
+  floors = t["report"]["reference_rows"]
+  assert set(floors["constant"]) >= {"rouge_l", "bleu4", "meteor", "cider"} and floors["constant_source"] == "references"
+  assert "| constant report | shuffled references |" in md
   with open(out / "predictions.csv", newline="") as f:
-    assert len(list(csv.DictReader(f))) == len(RADFM_ROWS) - 1
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(RADFM_ROWS) - 1
+  assert [r["verdict"] for r in rows[:4]] == ["correct", "correct", "wrong", "correct"]
+  assert rows[2]["reason"].startswith("chooses 'CT'")
+  report_rows = [r for r in rows if r["task"] == "report"]
+  assert all(r["rouge_l"] and r["meteor"] and r["verdict"] == "" for r in report_rows)
+  assert sum(float(r["rouge_l"]) for r in report_rows) / 3 == pytest.approx(rep["rouge_l"]["value"], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
