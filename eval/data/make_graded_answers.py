@@ -472,17 +472,94 @@ FRESH = [
     ("vqa", "Where is the hematoma located?", None, "subdural", "Subdural.", O, "routing_open"),
 ]
 
+# Second fresh batch: written after the judge of commit "eval: judge wired into the scorers" was frozen,
+# labels first, then scored once (the out-of-sample check of the final judge). Longer, report-style and
+# terse answers, odd formatting.
+FRESH2 = [
+    ("diagnosis", "Is there evidence of pneumonia in this chest X-ray?", None, YES,
+     "FINDINGS: Patchy airspace opacity in the left lower lobe compatible with pneumonia. No pleural effusion or pneumothorax. IMPRESSION: Left lower lobe pneumonia.", C, "negation_other_finding"),
+    ("diagnosis", "Is there evidence of pneumonia in this chest X-ray?", None, NO,
+     "FINDINGS: Lungs are clear. No focal consolidation, effusion or pneumothorax. Heart size normal. IMPRESSION: No acute cardiopulmonary disease.", C, "implicit"),
+    ("diagnosis", "Is there evidence of pneumonia in this chest X-ray?", None, NO,
+     "IMPRESSION: Findings may represent early pneumonia.", W, "hedge"),
+    ("diagnosis", "Does the image show pleural effusion?", None, YES, "YES", C, "plain"),
+    ("diagnosis", "Does the image show pleural effusion?", None, YES, "no.", W, "plain"),
+    ("diagnosis", "Does the image show pleural effusion?", None, NO, "NO EFFUSION", C, "implicit"),
+    ("diagnosis", "Does the image show pleural effusion?", None, YES, "effusion present on the right", C, "implicit"),
+    ("diagnosis", "Does the image show pleural effusion?", None, YES, "Yes (small, left-sided)", C, "plain"),
+    ("diagnosis", "Is there a nodule in the right lung?", None, YES, "There is a 9 mm nodule in the right upper lobe, no others.", C, "implicit"),
+    ("diagnosis", "Is there a nodule in the right lung?", None, NO, "A nodule is seen in the left lung only.", C, "implicit"),
+    ("diagnosis", "Is there a pneumothorax?", None, NO, "Negative for pneumothorax.", C, "implicit"),
+    ("diagnosis", "Is there a pneumothorax?", None, YES, "Tension pneumothorax with mediastinal shift to the left.", C, "implicit"),
+    ("diagnosis", "Is there a pneumothorax?", None, NO, "Lungs fully expanded, no pneumothorax, no effusion.", C, "implicit"),
+    ("diagnosis", "Is the heart size normal?", None, YES, "Normal heart size.", C, "implicit"),
+    ("diagnosis", "Is the heart size normal?", None, NO, "Cardiomegaly is present.", C, "implicit"),
+    ("diagnosis", "Is there a hip fracture?", None, YES, "Intertrochanteric fracture of the left femur.", C, "implicit"),
+    ("diagnosis", "Is there a hip fracture?", None, NO, "No fracture of the hip; degenerative changes only.", C, "implicit"),
+    ("diagnosis", "Is there a hip fracture?", None, NO, "I can't tell.", U, "unanswered"),
+    ("rationale", "Given these findings, is this multiple sclerosis?", None, YES,
+     "Yes: periventricular and juxtacortical T2 hyperintense lesions, Dawson fingers.", C, "plain"),
+    ("rationale", "Given these findings, is this multiple sclerosis?", None, NO,
+     "The lesions are more consistent with small vessel ischemic disease than multiple sclerosis.", C, "implicit"),
+    ("rationale", "Is this an abscess?", None, YES, "Rim-enhancing collection with restricted diffusion: abscess.", C, "implicit"),
+    ("rationale", "Is this an abscess?", None, NO, "An abscess is unlikely; this is a necrotic tumor.", C, "implicit"),
+    ("modality", "What is the modality of this image?", None, "CT", "ct scan", C, "plain"),
+    ("modality", "What is the modality of this image?", None, "CT", "CT (computed tomography), axial plane", C, "modality_wording"),
+    ("modality", "What is the modality of this image?", None, "MRI", "MR T1 weighted with contrast", C, "modality_sequence"),
+    ("modality", "What is the modality of this image?", None, "MRI", "FLAIR MRI of the brain, not CT.", C, "modality_rejected"),
+    ("modality", "What is the modality of this image?", None, "MRI", "Coronal T2 FS.", C, "modality_sequence"),
+    ("modality", "What is the modality of this image?", None, "X-ray", "Chest X ray PA view", C, "modality_wording"),
+    ("modality", "What is the modality of this image?", None, "X-ray", "A plain film of the abdomen (KUB).", C, "modality_wording"),
+    ("modality", "What is the modality of this image?", None, "Ultrasound", "Grayscale sonogram of the thyroid.", C, "modality_wording"),
+    ("modality", "What is the modality of this image?", None, "Ultrasound", "CT", W, "plain"),
+    ("modality", "What is the modality of this image?", None, "CT", "It is either CT or MR.", W, "hedge"),
+    ("modality", "What is the modality of this image?", None, "CT", "Axial slice through the liver.", U, "unanswered"),
+    ("modality", "What is the modality of this image?", None, "PET", "PET scan with FDG uptake in the lung.", C, "modality_wording"),
+    ("modality", "What is the modality of this image?", None, "Mammography", "Digital breast tomosynthesis.", C, "modality_wording"),
+    ("modality", "Is this a radiograph?", None, YES, "Yes, a frontal radiograph.", C, "plain"),
+    ("modality", "Is this a radiograph?", None, NO, "This is an axial CT.", C, "implicit"),
+    ("modality", "Is this a T2 weighted MRI?", None, YES, "Yes", C, "plain"),
+    ("vqa", "Is there a filling defect in the pulmonary artery?", None, YES, "Yes, a saddle embolus.", C, "plain"),
+    ("vqa", "Is there a filling defect in the pulmonary artery?", None, NO, "The pulmonary arteries opacify normally without filling defect.", C, "implicit"),
+    ("vqa", "Is the left kidney enlarged?", None, NO, "The left kidney is normal in size; the right kidney is enlarged.", C, "implicit"),
+    ("vqa", "Is the left kidney enlarged?", None, YES, "The left kidney is enlarged.", C, "implicit"),
+    ("vqa", "Are the ventricles dilated?", None, YES, "Hydrocephalus with dilated lateral ventricles.", C, "implicit"),
+    ("vqa", "Are the ventricles dilated?", None, NO, "Ventricles are normal in size.", C, "implicit"),
+    ("vqa", "Is there a mass effect?", None, NO, "There is no mass effect.", C, "implicit"),
+    ("vqa", "Is there a mass effect?", None, YES, "Mass effect on the right lateral ventricle.", C, "implicit"),
+    ("vqa", "Is there free fluid in the pelvis?", None, YES, "Small amount of free fluid in the pouch of Douglas.", C, "implicit"),
+    ("vqa", "Is there free fluid in the pelvis?", None, NO, "no free fluid", C, "implicit"),
+    ("vqa", "Is this lesion enhancing?", None, YES, "Yes it enhances avidly.", C, "plain"),
+    ("vqa", "Is this lesion enhancing?", None, NO, "Non-enhancing lesion.", C, "implicit"),
+    ("vqa", "Is the lesion in the left or right hemisphere?", None, "right", "Right hemisphere.", C, "options_in_question"),
+    ("vqa", "Is the lesion in the left or right hemisphere?", None, "right", "The lesion crosses the midline into both hemispheres.", W, "both_options"),
+    ("vqa", "Is the fluid collection anterior or posterior?", None, "posterior", "Posterior to the bladder.", C, "options_in_question"),
+    ("vqa", "Is the image T1 or T2 weighted?", None, "T1", "T1.", C, "options_in_question"),
+    ("vqa", "Is the image T1 or T2 weighted?", None, "T1", "T1 or T2, hard to tell.", W, "hedge"),
+    ("vqa", "Is this a CT or an MRI?", None, "CT", "CT angiogram.", C, "modality_wording"),
+    ("vqa", "Which structure is abnormal?", ["Aorta", "Esophagus", "Trachea", "Heart"], "Aorta",
+     "The aorta is dilated; the trachea is normal.", C, "negated_option"),
+    ("vqa", "Which structure is abnormal?", ["Aorta", "Esophagus", "Trachea", "Heart"], "Aorta", "A", C, "choices_letter"),
+    ("vqa", "Which structure is abnormal?", ["Aorta", "Esophagus", "Trachea", "Heart"], "Aorta",
+     "Either the aorta or the esophagus.", W, "hedge"),
+    ("vqa", "Which structure is abnormal?", ["Aorta", "Esophagus", "Trachea", "Heart"], "Heart",
+     "D. Heart", C, "choices_letter"),
+    ("vqa", "What is the size of the lesion?", None, "2 cm", "About 2 cm.", O, "routing_open"),
+    ("vqa", "What organ is enlarged?", None, "spleen", "The spleen.", O, "routing_open"),
+]
+
 
 def main():
   out = pathlib.Path(__file__).resolve().parent / "graded_answers.jsonl"
   with open(out, "w", encoding="utf-8") as f:
-    for i, (task, question, options, reference, answer, gold, kind) in enumerate(ROWS + FRESH, 1):
-      split = "fresh" if i > len(ROWS) else "holdout" if i % 4 == 0 else "dev"
+    for i, (task, question, options, reference, answer, gold, kind) in enumerate(ROWS + FRESH + FRESH2, 1):
+      split = ("fresh2" if i > len(ROWS) + len(FRESH) else "fresh" if i > len(ROWS)
+               else "holdout" if i % 4 == 0 else "dev")
       row = {"id": f"g{i:03d}", "split": split, "task": task,
              "question": question, "options": options, "reference": reference, "answer": answer,
              "gold": gold, "kind": kind}
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  print(f"{len(ROWS) + len(FRESH)} rows -> {out}")
+  print(f"{len(ROWS) + len(FRESH) + len(FRESH2)} rows -> {out}")
 
 
 if __name__ == "__main__":
