@@ -41,7 +41,8 @@ PRE_WINDOW, POST_WINDOW = 6, 5
 
 NEG_PRE = (("no",), ("not",), ("without",), ("never",), ("neither",), ("nor",), ("negative", "for"),
            ("free", "of"), ("absence", "of"), ("absent",), ("ruled", "out"), ("rules", "out"), ("exclude",),
-           ("excludes",), ("nothing", "to", "suggest"), ("rather", "than"), ("instead", "of"), ("unlikely",))
+           ("excludes",), ("nothing", "to", "suggest"), ("rather", "than"), ("instead", "of"), ("unlikely",),
+           ("than",))
 NEG_POST = (("absent",), ("excluded",), ("resolved",), ("ruled", "out"), ("negative",), ("none",), ("unlikely",))
 UNCERTAIN_TRIGGERS = (
     ("possible",), ("possibly",), ("maybe",), ("perhaps",), ("may",), ("might",), ("could",),

@@ -17,6 +17,7 @@ from eval.judge import context, modality
 
 _FRAMES = [
     r"^(?:based on (?:the )?(?:findings|image|images)\s*,?\s*)",
+    r"^(?:given (?:the|these) (?:findings|features|images?)\s*,?\s*)",
     r"^(?:in|on) (?:this|the) (?:image|scan|study|radiograph)\s*,?\s*",
 ]
 _QUESTION = [

@@ -144,7 +144,8 @@ def _normal_votes(cls: list[Clause], places, head) -> tuple[int, int]:
       for pos in context.phrase_positions(c.stems, p):
         if not any(i in neg for i in pos) and not unc:
           is_normal = True
-    for p in (context.phrase_stems(w) for w in ("abnormality", "abnormal", "acute process", "pathology")):
+    for p in (context.phrase_stems(w) for w in ("abnormality", "abnormal", "acute process", "pathology",
+                                                 "disease", "acute findings")):
       for pos in context.phrase_positions(c.stems, p):
         if any(i in neg for i in pos):
           is_normal = True
@@ -204,11 +205,13 @@ def _finding_evidence(f: questions.Finding, cls: list[Clause]) -> tuple[str | No
   votes, read = [], []
   what = " ".join(f.words)
   plain = not f.predicate and not abnormal_q
-  side = next((w for w in f.location + f.words if w in _SIDES), None) if plain else None
+  side = next((w for w in f.location + f.words + f.subject if w in _SIDES), None)
   for c, pos in _finding_mentions(f, cls, concept) if plain else [
       (c, pos) for c in cls for pos in findings.match(c, concept)]:
     st = context.status(c, pos)
-    if side and st == ASSERTED and _SIDES[side] in c.tokens and side not in c.tokens:
+    if side and _SIDES[side] in c.tokens and side not in c.tokens:
+      if not plain or st != ASSERTED:
+        continue  # about the other side ("the right kidney is enlarged" to "Is the left kidney enlarged?")
       votes.append(NO)
       read.append(f"puts '{' '.join(c.tokens[i] for i in pos)}' on the {_SIDES[side]}")
       continue
