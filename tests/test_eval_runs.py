@@ -143,3 +143,27 @@ def test_plots_show_the_tables_numbers(tmp_path, light):
   assert vqa["closed_accuracy"] == 1 and vqa["open_token_f1"] == 1  # each bar's own n, not the task's 2
   report.plot_task_scores(m, tmp_path / "t.png")
   assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_1mb_prediction_finishes_with_every_text_metric(tmp_path, light):
+  import time
+  huge = ("Right lower lobe consolidation, no effusion. " * 23000)[:1_000_000]
+  items = [Item("big", "report", "Report.", "Right lower lobe consolidation.", huge),
+           Item("ok", "report", "Report.", "Normal chest.", "Normal chest.")]
+  t0 = time.monotonic()
+  m = radbench.score_and_report(items, [], tmp_path / "out", light, n_boot=50)
+  assert time.monotonic() - t0 < 60
+  body = m["tasks"]["report"]
+  assert body["truncated_predictions"] == 1 and {"rouge_l", "cider", "bleu4", "term_recall"} <= set(body["metrics"])
+  assert "Predictions cut to the text metrics' word cap: report 1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_failing_scorer_is_unavailable_and_the_run_finishes(tmp_path, light, monkeypatch):
+  def broken(preds, refs):
+    raise MemoryError("out of memory in the scorer")
+  monkeypatch.setattr(light, "terms", broken)
+  m = radbench.score_and_report([Item("a", "report", "Report.", "Normal chest.", "Normal.")], [], tmp_path / "o",
+                                light, n_boot=20)
+  reasons = m["tasks"]["report"]["unavailable"]
+  assert reasons["term_precision"] == reasons["term_recall"] == "failed: MemoryError: out of memory in the scorer"
+  assert "rouge_l" in m["tasks"]["report"]["metrics"]

@@ -146,11 +146,13 @@ def _breaks(tokens: Sequence[str], i: int) -> bool:
   return tokens[i] in _CONJ or (tokens[i] == "," and i + 1 < len(tokens) and tokens[i + 1] in _OPENERS)
 
 
-def uncertain_spans(clause: Clause) -> list[tuple[int, int]]:
-  return _spans(clause.tokens, UNCERTAIN_TRIGGERS)
+@functools.lru_cache(maxsize=8192)
+def uncertain_spans(clause: Clause) -> tuple[tuple[int, int], ...]:
+  return tuple(_spans(clause.tokens, UNCERTAIN_TRIGGERS))
 
 
-def negated_positions(clause: Clause) -> set[int]:
+@functools.lru_cache(maxsize=8192)
+def negated_positions(clause: Clause) -> frozenset[int]:
   """Token positions governed by a negation trigger (uncertainty phrases excluded)."""
   toks = clause.tokens
   blocked = {i for a, b in uncertain_spans(clause) for i in range(a, b)}
@@ -181,7 +183,7 @@ def negated_positions(clause: Clause) -> set[int]:
       if _breaks(toks, i) or toks[i] == "yes":
         break
       out.add(i)
-  return out
+  return frozenset(out)
 
 
 def status(clause: Clause, positions: Iterable[int]) -> str:
