@@ -548,18 +548,79 @@ FRESH2 = [
     ("vqa", "What organ is enlarged?", None, "spleen", "The spleen.", O, "routing_open"),
 ]
 
+# Third fresh batch: written after the final judge (commit "judge: cache clause scopes ..."), labels first,
+# scored once and NOT used to change the rules: the out-of-sample figure of the final judge.
+FRESH3 = [
+    ("diagnosis", "Does this CT show an aortic dissection?", None, YES, "Intimal flap in the descending aorta: Stanford B dissection.", C, "implicit"),
+    ("diagnosis", "Does this CT show an aortic dissection?", None, NO, "No dissection. The aorta is of normal caliber.", C, "implicit"),
+    ("diagnosis", "Does this CT show an aortic dissection?", None, NO, "An intimal flap is seen.", W, "implicit"),
+    ("diagnosis", "Is there a subdural hematoma?", None, YES, "Left convexity subdural hematoma, 8 mm thick, with 4 mm midline shift.", C, "implicit"),
+    ("diagnosis", "Is there a subdural hematoma?", None, NO, "no subdural collection", C, "implicit"),
+    ("diagnosis", "Is there a subdural hematoma?", None, YES, "Possible small subdural hematoma along the falx.", W, "hedge"),
+    ("diagnosis", "Is pneumonia present?", None, YES, "Pneumonia is present in the right middle lobe.", C, "implicit"),
+    ("diagnosis", "Is pneumonia present?", None, NO, "Pneumonia: absent.", C, "implicit"),
+    ("diagnosis", "Is pneumonia present?", None, YES, "yes, no", W, "contradiction"),
+    ("diagnosis", "Is pneumonia present?", None, YES, "The trachea is midline.", U, "unanswered"),
+    ("diagnosis", "Is there consolidation in the left lower lobe?", None, NO, "Consolidation is seen in the right lower lobe only.", C, "implicit"),
+    ("diagnosis", "Is there consolidation in the left lower lobe?", None, YES, "Left lower lobe consolidation.", C, "implicit"),
+    ("diagnosis", "Is there an endotracheal tube?", None, YES, "The endotracheal tube tip is 4 cm above the carina.", C, "implicit"),
+    ("diagnosis", "Is there an endotracheal tube?", None, NO, "No lines or tubes.", C, "implicit"),
+    ("rationale", "Is this finding consistent with tuberculosis?", None, YES, "Upper lobe cavitation with tree-in-bud nodules, typical of tuberculosis.", C, "implicit"),
+    ("rationale", "Is this finding consistent with tuberculosis?", None, NO, "This is more likely sarcoidosis.", C, "implicit"),
+    ("rationale", "Is this finding consistent with tuberculosis?", None, NO, "Tuberculosis versus fungal infection.", W, "hedge"),
+    ("modality", "Which imaging modality is shown?", None, "CT", "This image was obtained with computed tomography.", C, "plain"),
+    ("modality", "Which imaging modality is shown?", None, "CT", "Coronal CT reformat.", C, "modality_wording"),
+    ("modality", "Which imaging modality is shown?", None, "MRI", "T1-weighted post-gadolinium MR image.", C, "modality_sequence"),
+    ("modality", "Which imaging modality is shown?", None, "MRI", "DWI with corresponding ADC.", C, "modality_sequence"),
+    ("modality", "Which imaging modality is shown?", None, "MRI", "CT.", W, "plain"),
+    ("modality", "Which imaging modality is shown?", None, "X-ray", "Lateral chest radiograph.", C, "modality_wording"),
+    ("modality", "Which imaging modality is shown?", None, "X-ray", "This is an ultrasound.", W, "plain"),
+    ("modality", "Which imaging modality is shown?", None, "Ultrasound", "Ultrasonographic image of the gallbladder.", C, "modality_wording"),
+    ("modality", "Which imaging modality is shown?", None, "Ultrasound", "Not CT; it is an ultrasound.", C, "modality_rejected"),
+    ("modality", "Which imaging modality is shown?", None, "CT", "Could be CT.", W, "hedge"),
+    ("modality", "Which imaging modality is shown?", None, "CT", "Abdomen.", U, "unanswered"),
+    ("modality", "Is this image an MRI?", None, NO, "No, it is a radiograph.", C, "plain"),
+    ("modality", "Is this image an MRI?", None, YES, "It is a FLAIR image.", C, "modality_sequence"),
+    ("modality", "Is this image an MRI?", None, NO, "It is a CT, not an MRI.", C, "modality_rejected"),
+    ("vqa", "Is the spleen normal in size?", None, YES, "The spleen is normal in size.", C, "implicit"),
+    ("vqa", "Is the spleen normal in size?", None, NO, "Splenomegaly, 16 cm.", C, "synonym"),
+    ("vqa", "Is there a pneumoperitoneum?", None, YES, "Free air under both hemidiaphragms.", C, "synonym"),
+    ("vqa", "Is there a pneumoperitoneum?", None, NO, "No free air.", C, "synonym"),
+    ("vqa", "Is there cortical thinning?", None, YES, "Yes there is cortical thinning of the left kidney.", C, "plain"),
+    ("vqa", "Is the bladder distended?", None, NO, "The bladder is collapsed.", C, "antonym"),
+    ("vqa", "Are there gallstones?", None, YES, "Multiple gallstones in the gallbladder.", C, "implicit"),
+    ("vqa", "Are there gallstones?", None, NO, "No gallstones; normal gallbladder.", C, "implicit"),
+    ("vqa", "Are there gallstones?", None, NO, "I am unable to assess this.", U, "unanswered"),
+    ("vqa", "Is the lesion solid or cystic?", None, "solid", "Predominantly solid with enhancing components.", C, "options_in_question"),
+    ("vqa", "Is the lesion solid or cystic?", None, "solid", "Complex cystic lesion.", W, "options_in_question"),
+    ("vqa", "Is the lesion on the left or right?", None, "right", "It is in the right kidney.", C, "options_in_question"),
+    ("vqa", "Is the lesion on the left or right?", None, "right", "Bilateral.", U, "unanswered"),
+    ("vqa", "Is this a coronal or sagittal image?", None, "coronal", "coronal", C, "options_in_question"),
+    ("vqa", "Is this a coronal or sagittal image?", None, "coronal", "It is neither sagittal nor axial; it is coronal.", C, "negated_option"),
+    ("vqa", "What is the abnormality?", ["Fracture", "Dislocation", "Tumor", "Normal"], "Dislocation",
+     "Anterior shoulder dislocation, no fracture.", C, "negated_option"),
+    ("vqa", "What is the abnormality?", ["Fracture", "Dislocation", "Tumor", "Normal"], "Fracture",
+     "Fracture with dislocation.", W, "both_options"),
+    ("vqa", "What is the abnormality?", ["Fracture", "Dislocation", "Tumor", "Normal"], "Normal",
+     "This is a normal study.", C, "choices"),
+    ("vqa", "What is the abnormality?", ["Fracture", "Dislocation", "Tumor", "Normal"], "Tumor",
+     "(C)", C, "choices_letter"),
+    ("vqa", "How is the lesion described?", None, "ring enhancing", "Ring-enhancing.", O, "routing_open"),
+]
+
 
 def main():
   out = pathlib.Path(__file__).resolve().parent / "graded_answers.jsonl"
   with open(out, "w", encoding="utf-8") as f:
-    for i, (task, question, options, reference, answer, gold, kind) in enumerate(ROWS + FRESH + FRESH2, 1):
-      split = ("fresh2" if i > len(ROWS) + len(FRESH) else "fresh" if i > len(ROWS)
+    for i, (task, question, options, reference, answer, gold, kind) in enumerate(ROWS + FRESH + FRESH2 + FRESH3, 1):
+      split = ("fresh3" if i > len(ROWS) + len(FRESH) + len(FRESH2) else
+               "fresh2" if i > len(ROWS) + len(FRESH) else "fresh" if i > len(ROWS)
                else "holdout" if i % 4 == 0 else "dev")
       row = {"id": f"g{i:03d}", "split": split, "task": task,
              "question": question, "options": options, "reference": reference, "answer": answer,
              "gold": gold, "kind": kind}
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  print(f"{len(ROWS) + len(FRESH) + len(FRESH2)} rows -> {out}")
+  print(f"{len(ROWS) + len(FRESH) + len(FRESH2) + len(FRESH3)} rows -> {out}")
 
 
 if __name__ == "__main__":
