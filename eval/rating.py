@@ -1,8 +1,9 @@
 """Human evaluation: blinded rating sheets for radiologists, and their ratings read back with CIs and
 inter-rater agreement.
 
-RadFM's authors had clinicians rate generated reports and rationales on a 0-5 scale. `SCALE` keeps that
-range; the wording of each anchor is ours (the paper gives no anchor text that we could reuse).
+RadFM's authors had clinicians rate generated reports and rationales; `SCALE` is a 0-5 scale, our reading
+of the paper's range (the paper's text was not available offline to re-check it); the anchor wording is
+ours. It is one constant: change it there if your protocol differs.
 
 Sheet (`write_sheet`): every open-ended answer (report, caption, interleaved, rationale and open VQA) of
 every system becomes one rating row with a random id; rows are shuffled (seeded) so that a system's
