@@ -60,6 +60,8 @@ _TRAIN_REPORTS = flags.DEFINE_string(
     "train_reports", None, "Predictions-format file whose answers are the training split's (the constant "
     "reference row uses its most frequent report per task; default: the store's train split in model mode, "
     "else the references).")
+_FLOORS = flags.DEFINE_bool("reference_rows", True, "Score the constant-report and shuffled-reference floors "
+                             "next to every report metric (triples the report metrics' time).")
 _ENCODING = flags.DEFINE_string("encoding", None, "Text encoding of --predictions (default: UTF-8 with or "
                                 "without BOM, else Windows-1252, else Latin-1).")
 
@@ -70,11 +72,12 @@ OUTPUT_FILES = ("predictions.jsonl", "predictions.csv", "metrics.json", "report.
 
 def make_scorers(embedding_model: str | None = None, ratescore_ner: str | None = None,
                  ratescore_encoder: str | None = None, terms: str | pathlib.Path = DEFAULT_TERMS,
-                 meteor: bool = True, train_reports: dict[str, Sequence[str]] | None = None) -> Scorers:
+                 meteor: bool = True, train_reports: dict[str, Sequence[str]] | None = None,
+                 reference_rows: bool = True) -> Scorers:
   return Scorers(semantic=EmbeddingSimilarity(embedding_model or default_embedding_model()),
                  ratescore=RaTEScoreMetric(ratescore_ner, ratescore_encoder),
                  terms=TermMatcher(terms), meteor=meteor_lib.MeteorScorer() if meteor else None,
-                 train_reports=train_reports)
+                 train_reports=train_reports, reference_rows=reference_rows)
 
 
 def read_train_reports(path: str) -> dict[str, list[str]]:
@@ -153,7 +156,8 @@ def run(argv: Sequence[str]) -> None:
     logging.warning("skipped %s row %s: %s", e.source, e.row, e.reason)
   if not items:
     raise SystemExit(f"no scorable items ({len(errors)} rows skipped); see the warnings above")
-  scorers = make_scorers(_EMBED.value, _RATE_NER.value, _RATE_ENC.value, _TERMS.value, _METEOR.value, train)
+  scorers = make_scorers(_EMBED.value, _RATE_NER.value, _RATE_ENC.value, _TERMS.value, _METEOR.value, train,
+                         _FLOORS.value)
   try:
     metrics = score_and_report(items, errors, _OUT.value, scorers, n_boot=_N_BOOT.value, seed=_SEED.value,
                                source=source, title=_TITLE.value, baseline=baseline,

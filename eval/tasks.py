@@ -173,7 +173,8 @@ def reference_rows(refs: Sequence[str], scorers: Scorers, task: str = "report") 
   source = "training split" if train else "references"
   constant = most_frequent(train or refs)
   rows = {}
-  for name, preds in (("constant", [constant] * len(refs)), ("shuffled", shuffled(refs))):
+  floors = [("constant", [constant] * len(refs))] + ([("shuffled", shuffled(refs))] if len(refs) > 1 else [])
+  for name, preds in floors:
     ms = text_metrics(preds, refs, scorers)
     rows[name] = {m.name: m.value() for m in ms if isinstance(m, SampleStats)}
   rows["constant_text"] = constant
