@@ -172,3 +172,10 @@ YN = "Is there a pleural effusion?"
 def test_verdicts(question, reference, answer, options, task, label, reason):
   v = judge(question, reference, answer, options, task)
   assert (v.label, reason in v.reason) == (label, True), v
+
+
+def test_a_huge_answer_is_read_up_to_the_cap():
+  import time
+  t0 = time.monotonic()
+  v = judge(YN, "yes", "Yes, there is a small effusion. No pneumothorax. " * 20000)  # ~1 MB
+  assert time.monotonic() - t0 < 10 and v.label == CORRECT and "read up to word 1000" in v.reason

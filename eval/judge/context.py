@@ -222,6 +222,11 @@ def statuses(text: str, phrase: str) -> list[str]:
   return out
 
 
+MAX_WORDS = 1000
+
+
 def asserted(text: str, phrase: str) -> bool:
-  """True when `text` names `phrase` at least once without negating or hedging it."""
-  return ASSERTED in statuses(text, phrase)
+  """True when `text` (read up to MAX_WORDS words) names `phrase` at least once without negating or
+  hedging it."""
+  words = str(text or "").split()
+  return ASSERTED in statuses(" ".join(words[:MAX_WORDS]) if len(words) > MAX_WORDS else text, phrase)

@@ -365,9 +365,16 @@ def _choice(question: str, reference: str, answer: str, opts: Sequence[str]) -> 
   return say(CORRECT if ok else WRONG, f"chooses '{chosen}' (expected '{reference}')", chosen)
 
 
+MAX_WORDS = context.MAX_WORDS  # a closed answer is read up to here (a degenerate 1 MB answer stays fast)
+
+
 def judge(question: str, reference: str, answer: str, options: Sequence[str] | None = None,
           task: str | None = None) -> Verdict:
   """The verdict on `answer` to `question` whose right answer is `reference` (see module doc)."""
+  words = str(answer or "").split()
+  if len(words) > MAX_WORDS:
+    v = judge(question, reference, " ".join(words[:MAX_WORDS]), options, task)
+    return dataclasses.replace(v, reason=f"{v.reason} (answer read up to word {MAX_WORDS} of {len(words)})")
   opts = closed_options(question, reference, options, task)
   if opts is None:
     return Verdict(OPEN, "open question: no options given or readable from the question", None, "open")
