@@ -246,7 +246,7 @@ def _vqa_closed(items: list[Item], _: Scorers) -> Computed:
 
 
 def _vqa_open(items: list[Item], _: Scorers) -> Computed:
-  preds, refs = [i.prediction for i in items], [i.answer for i in items]
+  preds, refs = _capped([i.prediction for i in items])[0], _capped([i.answer for i in items])[0]
   metrics = text.token_overlap(preds, refs) + text.bleu(preds, refs, (1, 4)) + [text.rouge_l(preds, refs)]
   return with_prefix(metrics, "open_"), {}, [{} for _ in items]
 
