@@ -64,6 +64,10 @@ def test_sheet_is_blinded_shuffled_and_self_contained(tmp_path):
   rows = list(csv.DictReader(open(tmp_path / "sheet" / "ratings.csv", newline="")))
   assert [r["rating_id"] for r in rows] == [c["rating_id"] for c in page.cases]
   assert all(r["score"] == "" for r in rows)
+  evil = {"x": [Item("e", "report", "Q", "ref", "<script>alert(1)</script> & 'quotes'")]}
+  rating.write_sheet(evil, tmp_path / "evil", tmp_path / "evil.key.json")
+  evil_page = (tmp_path / "evil" / "index.html").read_text()
+  assert "<script>alert(1)" not in evil_page and "&lt;script&gt;alert(1)" in evil_page
   with pytest.raises(ValueError, match="must not be inside the sheet folder"):
     rating.write_sheet(_systems(), tmp_path / "s2", tmp_path / "s2" / "key.json")
 
