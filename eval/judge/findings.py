@@ -131,6 +131,20 @@ def abnormal_terms() -> frozenset[tuple[str, ...]]:
 
 
 @functools.lru_cache(maxsize=None)
+def anatomy_terms() -> frozenset[str]:
+  """Stems of the words of the term list's anatomy sections."""
+  out, keep = set(), False
+  for line in TERMS.read_text(encoding="utf-8").splitlines():
+    if line.startswith("# ---"):
+      keep = "anatomy" in line
+      continue
+    term = line.split("#", 1)[0].strip()
+    if keep and term:
+      out |= set(context.phrase_stems(term))
+  return frozenset(out)
+
+
+@functools.lru_cache(maxsize=None)
 def normal_phrases() -> tuple[tuple[str, ...], ...]:
   return tuple(sorted({context.phrase_stems(w) for w in NORMAL_WORDS}, key=len, reverse=True))
 

@@ -88,17 +88,15 @@ def _explicit(clause: Clause) -> set[str]:
   for i, t in enumerate(toks):
     if t in ("no", "nope") and (i + 1 == len(toks) or toks[i + 1] in _NO_NEXT):
       out.add(NO)
-  content = [t for t in toks if t not in _FILLER]
-  if not content:
-    if {"not", "no", "none"} & set(toks) or toks == ("negative",) or toks == ("absent",):
-      out.add(NO)
-    elif {"present", "seen", "positive", "identified", "visible"} & set(toks) or "there" in toks:
-      if NO not in out:
-        out.add(YES)
   if toks in (("negative",), ("absent",)):
     out.add(NO)
-  if toks == ("positive",):
+  elif toks == ("positive",):
     out.add(YES)
+  elif not [t for t in toks if t not in _FILLER]:  # only fillers: "There isn't.", "Not present.", "yes there is"
+    if {"not", "no", "none"} & set(toks):
+      out.add(NO)
+    elif NO not in out and ({"present", "seen", "identified", "visible"} & set(toks) or "there" in toks):
+      out.add(YES)
   return out
 
 
@@ -107,29 +105,10 @@ def _relevant(clause: Clause, places: set[tuple[str, ...]], head: str) -> bool:
   stems = clause.stems
   if any(p and context.find_phrase(stems, p) for p in places):
     return True
-  anatomy = [s for s in stems if s in _anatomy() and s not in findings.STUDY_WORDS]
+  anatomy = [s for s in stems if s in findings.anatomy_terms() and s not in findings.STUDY_WORDS]
   if head and any(len(s) >= 6 and s[:6] == head[:6] for s in stems):
     return True
   return not anatomy
-
-
-def _anatomy() -> frozenset[str]:
-  return _ANATOMY
-
-
-def _load_anatomy() -> frozenset[str]:
-  out, keep = set(), False
-  for line in findings.TERMS.read_text(encoding="utf-8").splitlines():
-    if line.startswith("# ---"):
-      keep = "anatomy" in line
-      continue
-    term = line.split("#", 1)[0].strip()
-    if keep and term:
-      out |= set(context.phrase_stems(term))
-  return frozenset(out)
-
-
-_ANATOMY = _load_anatomy()
 
 
 def _normal_votes(cls: list[Clause], places, head) -> tuple[int, int]:
