@@ -33,6 +33,7 @@ import sys
 from typing import Any, Iterable
 
 from eval.tasks import Item
+from radfm_jax.data import jsonl
 from radfm_jax.data.schema import TASKS, RowError
 
 ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
@@ -164,13 +165,7 @@ def _decode(path: str, encoding: str | None) -> tuple[str, str]:
 
 
 def _jsonl_rows(text: str) -> Iterable[tuple[int, Any]]:
-  for i, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      yield i, json.loads(line)
-    except json.JSONDecodeError as e:
-      yield i, ValueError(f"invalid JSON: {e}")
+  return jsonl.objects(text.splitlines())
 
 
 def _csv_rows(path: str, text: str) -> tuple[tuple[str, ...], list[tuple[int, Any]]]:

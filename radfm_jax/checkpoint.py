@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_collections

@@ -30,7 +30,7 @@ Shapes: at most (number of groups) x len(slot_buckets) x len(len_buckets); see c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 from absl import logging
 import grain

@@ -28,7 +28,6 @@ Every input gives one result dict: {"id", "line", "prompt", "images", "predictio
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -36,7 +35,7 @@ import numpy as np
 
 from radfm_jax import models
 from radfm_jax.inference import batching as batch_generate
-from radfm_jax.data import preprocess, readers
+from radfm_jax.data import jsonl, preprocess, readers
 from radfm_jax.data import tokenizer as tokenizer_lib
 
 DEFAULT_MARKER = "<image>"
@@ -103,37 +102,28 @@ def read_batch_file(path: str) -> list[Input]:
   """One Input per non-blank line; a bad line becomes an Input with `error` set (the rest go on)."""
   base = os.path.dirname(os.path.abspath(path))
   inputs = []
-  with open(path, encoding="utf-8") as fh:
-    for n, text in enumerate(fh, 1):
-      if not text.strip():
-        continue
-      inp = Input(position=len(inputs), id=n, line=n)
-      inputs.append(inp)
-      try:
-        obj = json.loads(text)
-      except json.JSONDecodeError as e:
-        inp.error = f"not valid JSON ({e})"
-        continue
-      try:
-        if not isinstance(obj, dict):
-          raise ValueError(f"expected a JSON object {{\"prompt\", \"images\", \"id\"}}, got "
-                           f"{type(obj).__name__}")
-        if "id" in obj:
-          if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-            raise ValueError(f"\"id\" must be a string or an integer, got {obj['id']!r}")
-          inp.id = obj["id"]
-        unknown = sorted(set(obj) - set(LINE_KEYS))
-        if unknown:
-          raise ValueError(f"unknown keys {unknown}; a line holds {list(LINE_KEYS)}")
-        if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-          raise ValueError("\"prompt\" must be a non-empty string")
-        inp.prompt = obj["prompt"]
-        images = obj.get("images", [])
-        if not isinstance(images, list):
-          raise ValueError(f"\"images\" must be a list of paths, got {type(images).__name__}")
-        inp.images = [parse_image(im, base) for im in images]
-      except ValueError as e:
-        inp.error = str(e)
+  for n, obj in jsonl.read_objects(path):
+    inp = Input(position=len(inputs), id=n, line=n)
+    inputs.append(inp)
+    try:
+      if isinstance(obj, ValueError):
+        raise obj
+      if "id" in obj:
+        if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+          raise ValueError(f"\"id\" must be a string or an integer, got {obj['id']!r}")
+        inp.id = obj["id"]
+      unknown = sorted(set(obj) - set(LINE_KEYS))
+      if unknown:
+        raise ValueError(f"unknown keys {unknown}; a line holds {list(LINE_KEYS)}")
+      if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise ValueError("\"prompt\" must be a non-empty string")
+      inp.prompt = obj["prompt"]
+      images = obj.get("images", [])
+      if not isinstance(images, list):
+        raise ValueError(f"\"images\" must be a list of paths, got {type(images).__name__}")
+      inp.images = [parse_image(im, base) for im in images]
+    except ValueError as e:
+      inp.error = str(e)
   return inputs
 
 

@@ -28,7 +28,6 @@ import gzip
 import itertools
 import json
 import os
-import sys
 from typing import Any
 
 import nibabel as nib

@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
-import json
 import multiprocessing
 import os
 import sys

@@ -29,12 +29,11 @@ invalid UTF-8, invalid JSON (incl. numbers out of range and absurd nesting), wro
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
-from radfm_jax.data import readers, schema
+from radfm_jax.data import jsonl, readers, schema
 from radfm_jax.data.ingest.build import printable, redact_path
 from radfm_jax.data.readers import dicom
 
@@ -146,30 +145,14 @@ def _count(value: Any, what: str) -> int:
   return value
 
 
-def _lines(text: str) -> Iterator[tuple[int, bytes]]:
-  """(line number, bytes) of the non-blank lines of a file, read as bytes (one bad byte spoils one line)."""
-  with open(text, "rb") as f:
-    for lineno, line in enumerate(f, 1):
-      if line.strip():
-        yield lineno, line
-
-
 def text_samples(text: str) -> Iterator[schema.Sample | schema.RowError]:
   """Samples from a JSONL file (see the module docstring); bad lines as RowErrors."""
   name = os.path.basename(text)
   stem = name.split(".")[0]
-  for lineno, raw in _lines(text):
+  for lineno, row in jsonl.read_objects(text):
     try:
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"invalid UTF-8 at byte {e.start} of the line") from None
-      try:
-        row = json.loads(line)
-      except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+      if isinstance(row, ValueError):
+        raise row
       missing = [k for k in ("question", "answer", "task") if k not in row]
       if missing:
         raise ValueError(f"missing field(s) {missing}")
@@ -193,7 +176,8 @@ def samples_from_folder(src: str, *, text: str | None = None, redact: bool = Fal
   if text is not None:
     if not os.path.isfile(text):
       raise FileNotFoundError(f"--text {text}: no such file")
-    total = sum(1 for _ in _lines(text))
+    with open(text, "rb") as f:
+      total = sum(1 for line in f if line.strip())  # for the progress bar
     return text_samples(text), [], total
   scans, skipped, bad = discover(src)
   errors = [schema.RowError(source=b["path"], row=None, reason=b["reason"]) for b in bad]

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from radfm_jax.data import schema
+from radfm_jax.data import jsonl, schema
 from radfm_jax.data.ingest import prompts
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # released CSVs carry whole case texts in one cell
@@ -181,16 +181,8 @@ class Source:
       yield i, row if isinstance(row, dict) else BadRow(f"expected an object, got {type(row).__name__}")
 
   def _jsonl(self):
-    with open(self.path, encoding="utf-8") as f:
-      for i, line in enumerate(f):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except ValueError as e:
-          yield i, BadRow(f"invalid JSON line: {e}")
-          continue
-        yield i, row if isinstance(row, dict) else BadRow(f"expected an object, got {type(row).__name__}")
+    for line, row in jsonl.read_objects(self.path):  # rows are 0-based here, like CSV data rows
+      yield line - 1, BadRow(str(row)) if isinstance(row, ValueError) else row
 
 
 def values_of(source: Source, key: str, where: Callable[[Row], bool] = lambda r: True) -> list[str]:
