@@ -1,0 +1,1 @@
+"""Inference: KV-cache decoding, batching of many prompts, input files, and store-split prediction."""
