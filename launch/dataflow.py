@@ -39,8 +39,9 @@ def define_flags() -> None:
   flags.DEFINE_string("image", None, "Worker SDK container image (launch/Dockerfile.beam).")
   flags.DEFINE_integer("max_workers", 100, "Autoscaling ceiling (--max_num_workers).")
   flags.DEFINE_integer("num_workers", 10, "Workers at start.")
-  flags.DEFINE_string("machine_type", "n2-standard-4", "Worker machine type (the final manifest step holds "
-                      "every record and volume entry in memory: ~8 GB per million samples; a highmem type for MedMD).")
+  flags.DEFINE_string("machine_type", "n2-standard-4",
+                      "Worker machine type (the final manifest step holds every record and volume entry in "
+                      "memory: ~8 GB per million samples; a highmem type for MedMD).")
   flags.DEFINE_integer("disk_size_gb", 50, "Worker boot disk.")
   flags.DEFINE_string("service_account", None, "Worker service account email (default: Compute default).")
   flags.DEFINE_string("network", None, "VPC network (default: 'default').")

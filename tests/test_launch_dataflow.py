@@ -24,7 +24,8 @@ def test_dry_run_prints_the_build_command():
   assert "--src=/mnt/raw/a-*.csv" in cmd and "--out=gs://b/stores/medmd" in cmd
   (opts,) = [a[len("--beam_options="):] for a in cmd if a.startswith("--beam_options=")]
   opts = shlex.split(opts)
-  for want in ("--runner=DataflowRunner", "--project=p1", "--job_name=medmd", "--temp_location=gs://b/x/dataflow/tmp",
+  for want in ("--runner=DataflowRunner", "--project=p1", "--job_name=medmd",
+               "--temp_location=gs://b/x/dataflow/tmp",
                "--sdk_container_image=reg/img:2.77.0", "--experiments=use_runner_v2", "--max_num_workers=64",
                "--machine_type=n2-highmem-8"):
     assert want in opts, (want, opts)

@@ -44,7 +44,8 @@ def make_sources(root: str, n3d: int, n2d: int) -> dict[str, tuple[str, int]]:
   for i, vol in enumerate(vols):
     folder = os.path.join(root, "3d", f"part-{i % 2}")
     os.makedirs(folder, exist_ok=True)
-    nib.save(nib.Nifti1Image(vol[..., 0], np.diag([0.8, 0.8, 2.5, 1.0])), os.path.join(folder, f"ct{i:04d}.nii.gz"))
+    nib.save(nib.Nifti1Image(vol[..., 0], np.diag([0.8, 0.8, 2.5, 1.0])),
+             os.path.join(folder, f"ct{i:04d}.nii.gz"))
   out["3d"] = (os.path.join(root, "3d", "part-*"), sum(v.nbytes for v in vols))
   base = ct_like_volumes(1, (512, 512, 64), seed=2)[0][..., 0].astype(np.float32)
   rng = np.random.default_rng(3)

@@ -13,8 +13,8 @@ The same steps and functions as the local runner (build.py), so both write the s
 
 Volume keys are content addresses, so a rerun after a crash (same command) hashes each scan once and reuses
 every volume already stored; only the manifest is written again. The runner and its settings come from
---beam_options (PipelineOptions flags): DirectRunner / PrismRunner here, DataflowRunner, FlinkRunner,
-SparkRunner on a cluster (README "Data"; launch/dataflow.py). The source files must be readable at the
+--beam_options (PipelineOptions flags): FnApiRunner (the DirectRunner's batch engine) here; DataflowRunner,
+FlinkRunner, SparkRunner on a cluster (README "Data"; launch/dataflow.py). The source files must be readable at the
 same path on every worker (a shared mount on Flink / Spark clusters).
 
 Apache Beam is imported inside the functions that run the pipeline: it lives in its own venv (.venv-beam,
@@ -42,7 +42,8 @@ from radfm_jax.data.store import EmptyBuild, Store, StoreWriter, kvstore_spec
 MISSING = ("--runner=beam needs Apache Beam, which lives in its own venv (protobuf < 7, while the tokenizer "
            "needs protobuf 7): `make setup` builds .venv-beam from requirements-beam.txt; run "
            "`.venv-beam/bin/python -m radfm_jax.data.build --runner=beam ...`")
-DEFAULT_OPTIONS = "--runner=FnApiRunner"   # the DirectRunner's batch engine, without its Prism attempt (a download)
+# the DirectRunner's batch engine, without the DirectRunner's first try of Prism (whose binary it downloads)
+DEFAULT_OPTIONS = "--runner=FnApiRunner"
 
 
 @dataclasses.dataclass(frozen=True)
