@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Apache Beam (--runner=beam) in its own venv: it needs protobuf < 7, the tokenizer's sentencepiece protobuf 7
+BEAM_VENV ?= .venv-beam
+BEAM_STAMP := $(BEAM_VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
@@ -14,13 +17,20 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(BEAM_STAMP): requirements-beam.txt pyproject.toml
+	test -x $(BEAM_VENV)/bin/python || $(PY) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/python -m pip install -q --upgrade pip==25.3
+	$(BEAM_VENV)/bin/python -m pip install -q -r requirements-beam.txt
+	$(BEAM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(BEAM_STAMP)
+
+setup: $(STAMP) $(BEAM_STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m radfm_jax.demo --workdir=runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(BEAM_STAMP)
 	$(VPY) -m pytest -q -n 2 tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BEAM_VENV) runs

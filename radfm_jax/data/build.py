@@ -4,6 +4,12 @@
   python -m radfm_jax.data.build --from=files --src=DIR --out=STORE [--text=FILE.jsonl] [--workers=N]
   # RadFM's released CSV/JSON text files, through radfm_jax.data.ingest.adapters
   python -m radfm_jax.data.build --from=radfm --dataset=vqa_rad --src=test.csv --image_root=DIR --out=STORE
+  # the same on Apache Beam (own venv, see requirements-beam.txt): any runner by --beam_options
+  .venv-beam/bin/python -m radfm_jax.data.build --runner=beam --src='DIR/part-*' --out=STORE
+      --beam_options="--runner=FnApiRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
+
+--src (and --text) take a path, a comma-separated list or globs: each folder / file is a shard, listed by
+its own step (radfm_jax.data.ingest.sources).
 
 The exit status is the number of failures, capped at 100 (0: all good); see `ingest.build` for what a
 build does and records.
@@ -11,6 +17,7 @@ build does and records.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -18,7 +25,7 @@ from typing import Any
 from absl import app, flags
 
 from radfm_jax.data import readers, schema
-from radfm_jax.data.ingest import adapters, build, files
+from radfm_jax.data.ingest import beam, build, sources
 from radfm_jax.data.store import EmptyBuild
 
 FLAGS = flags.FLAGS
@@ -26,9 +33,11 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_enum("from", "files", ["files", "radfm"], "source kind")
-  flags.DEFINE_string("src", None, "files: the image folder; radfm: the released CSV/JSON file")
+  flags.DEFINE_string("src", None, "files: the image folder(s); radfm: the released CSV/JSON file(s) "
+                      "(comma-separated, globs allowed: each one is a shard)")
   flags.DEFINE_string("out", None, "store root: a local path or a kvstore URL (gs://bucket/path/)")
-  flags.DEFINE_string("text", None, "files: JSONL of samples (see files.py); none: image-only records")
+  flags.DEFINE_string("text", None, "files: JSONL file(s) of samples (see files.py; comma-separated, globs "
+                      "allowed); none: image-only records")
   flags.DEFINE_string("dataset", None, "radfm: adapter name (radfm_jax.data.ingest.adapters.names())")
   flags.DEFINE_string("image_root", None, "radfm: folder the released image paths are under")
   flags.DEFINE_string("split", "train", "radfm: split of the released file (train|val|test)")
@@ -49,6 +58,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("verify", False, "decode and checksum stored volumes before reusing them; rewrite "
                     "damaged ones")
   flags.DEFINE_bool("allow_empty", False, "let a build that stores no records replace a manifest that has some")
+  flags.DEFINE_enum("runner", "local", ["local", "beam"],
+                    "local: this process + --workers; beam: an Apache Beam pipeline (.venv-beam)")
+  flags.DEFINE_string("beam_options", None, "beam: Beam PipelineOptions flags, e.g. \"--runner=DataflowRunner "
+                      f"--project=P ...\" (default {beam.DEFAULT_OPTIONS!r})")
 
 
 def build_from_flags() -> dict[str, Any]:
@@ -56,28 +69,43 @@ def build_from_flags() -> dict[str, Any]:
   f = FLAGS
   if not f.src or not f.out:
     raise app.UsageError("--src and --out are required")
-  common = dict(out=f.out, workers=f.workers, pool=f.pool,
-                chunks=tuple(int(c) for c in f.chunks) if f.chunks else None,
-                codec=f.codec, progress=f.progress, redact_paths=f.redact_paths, verify=f.verify,
-                allow_empty=f.allow_empty, limits=readers.Limits(f.max_voxels, f.max_bytes))
-  if f["from"].value == "files":
-    samples, skipped, total = files.samples_from_folder(f.src, text=f.text, redact=f.redact_paths)
-    return build.ingest_samples(samples, src_root=f.src, skipped=skipped, total=total, **common)
-  if not f.dataset or not f.image_root:
-    raise app.UsageError("--from=radfm needs --dataset and --image_root")
-  opts: dict[str, Any] = {"split": f.split, "seed": f.seed}
-  if f.strip_prefix:
-    opts["strip_prefix"] = f.strip_prefix
-  if f.adapter_opts:
+  chunks = tuple(int(c) for c in f.chunks) if f.chunks else None
+  limits = readers.Limits(f.max_voxels, f.max_bytes)
+  opts: dict[str, Any] = {}
+  if f["from"].value == "radfm":
+    if not f.dataset or not f.image_root:
+      raise app.UsageError("--from=radfm needs --dataset and --image_root")
+    opts = {"split": f.split, "seed": f.seed}
+    if f.strip_prefix:
+      opts["strip_prefix"] = f.strip_prefix
+    if f.adapter_opts:
+      try:
+        extra = json.loads(f.adapter_opts)
+      except json.JSONDecodeError as e:
+        raise app.UsageError(f"--adapter_opts is not valid JSON: {e}") from e
+      if not isinstance(extra, dict):
+        raise app.UsageError(f"--adapter_opts must be a JSON object, got {type(extra).__name__}")
+      opts.update(extra)
+  try:
+    src_root, shards = sources.plan_shards(f["from"].value, f.src, text=f.text, dataset=f.dataset,
+                                           image_root=f.image_root, redact=f.redact_paths, opts=opts)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  if f.runner == "beam":
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)   # Beam logs every bundle at INFO
     try:
-      extra = json.loads(f.adapter_opts)
-    except json.JSONDecodeError as e:
-      raise app.UsageError(f"--adapter_opts is not valid JSON: {e}") from e
-    if not isinstance(extra, dict):
-      raise app.UsageError(f"--adapter_opts must be a JSON object, got {type(extra).__name__}")
-    opts.update(extra)
-  samples = adapters.get(f.dataset)(f.src, f.image_root, **opts)
-  return build.ingest_samples(samples, src_root=f.image_root, **common)
+      return beam.ingest(shards, src_root=src_root, out=f.out, chunks=chunks, codec=f.codec,
+                         redact_paths=f.redact_paths, limits=limits, verify=f.verify,
+                         allow_empty=f.allow_empty, beam_options=f.beam_options)
+    except ImportError as e:
+      if str(e) != beam.MISSING:
+        raise
+      raise SystemExit(f"error: {beam.MISSING}") from None
+  samples, skipped, total = sources.open_all(shards)
+  return build.ingest_samples(samples, src_root=src_root, out=f.out, workers=f.workers, pool=f.pool,
+                              chunks=chunks, codec=f.codec, progress=f.progress, redact_paths=f.redact_paths,
+                              skipped=skipped, total=total, limits=limits, verify=f.verify,
+                              allow_empty=f.allow_empty)
 
 
 def main(argv):

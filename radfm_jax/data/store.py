@@ -206,6 +206,16 @@ class StoreWriter:
       self._entries[key] = entry
     return True
 
+  def volume_entry(self, key: str) -> dict[str, Any] | None:
+    """Volume `key`'s entry (its meta.json, cached), or None when it is not stored."""
+    return self._entries[key] if self.has_volume(key) else None
+
+  def remember(self, entry: dict[str, Any]) -> None:
+    """Caches a volume entry that another process wrote or read (the Beam runner's final step gets the
+    workers' entries this way instead of reading every meta.json again)."""
+    with self._lock:
+      self._entries[entry["key"]] = entry
+
   def write_volume(self, key: str, array: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
     """Writes array [H, W, D, C] under `key` (replacing a partial earlier write), then its entry."""
     if array.ndim != 4:

@@ -11,6 +11,10 @@ corrupt, empty, NaN or inconsistent scan, an invalid sample) becomes a failure i
 (`{"path", "sample", "row", "reason"}`, paths relative to the source root) and the build goes on.
 The process exit status is the number of failures, capped at 100 (0: all good).
 
+Runners: `ingest_samples` is the local one (this process + a pool). ingest/beam.py runs the same steps
+(`plan` -> `_run_job` per distinct scan -> `settle` -> `store_record`, `make_report`, `commit`) as an
+Apache Beam pipeline, so both write byte-identical manifests and reports.
+
 Hostile input (see README "Reliability"): each scan must pass the readers' size cap (--max_voxels,
 --max_bytes; headers that claim more than their file holds are refused before any allocation); FIFOs
 and devices are never opened; a file name that is not UTF-8, a broken symlink, or a bad --text line is
@@ -196,6 +200,81 @@ def _sanitize(reason: str, src_root: str, job: ScanJob, redact: bool) -> str:
   return reason
 
 
+def failure(path: Any, reason: str, sample: str | None = None, row: Any = None) -> dict[str, Any]:
+  """One entry of the report's "failures" (strings made safe to write as UTF-8 JSON)."""
+  return {"path": printable(path), "sample": printable(sample), "row": row, "reason": printable(reason)}
+
+
+# The steps below are shared by both runners: ingest_samples (here) and the Beam pipeline (ingest/beam.py).
+
+def plan(item: schema.Sample | schema.RowError, ids: set[str]) -> tuple[list[ScanJob] | None, dict | None]:
+  """One input item -> (its scan jobs, None) or (None, its failure). `ids`: the sample ids taken so far
+  in input order (this adds the item's); Beam applies it to the items of each id in input order, which
+  gives the same answers."""
+  if isinstance(item, schema.RowError):
+    return None, failure(item.source, item.reason, row=item.row)
+  try:
+    item.validate()
+    if item.id in ids:
+      raise ValueError(f"sample {item.id!r}: duplicate id")
+    jobs = [ScanJob.of(im) for im in item.images]
+  except (ValueError, TypeError) as e:
+    return None, failure(item.source or None, str(e), getattr(item, "id", None))
+  ids.add(item.id)
+  return jobs, None
+
+
+def settle(sample: schema.Sample, jobs: list[ScanJob], results: list[_Result], *, src_root: str,
+           redact_paths: bool) -> tuple[dict | None, dict | None]:
+  """A sample whose scans ran -> (its manifest record, None) or (None, the failure of its first bad scan)."""
+  bad = [(j, r) for j, r in zip(jobs, results) if r.reason is not None]
+  if bad:
+    job, res = bad[0]
+    return None, failure(job.label(redact_paths), _sanitize(res.reason, src_root, job, redact_paths), sample.id)
+  provenance = {"images": [{"path": j.label(redact_paths), "index": j.index, "hash": r.hash}
+                           for j, r in zip(jobs, results)]}
+  return sample.to_record([r.key for r in results], provenance), None
+
+
+def store_record(writer: StoreWriter, record: dict[str, Any]) -> dict | None:
+  """Adds a record to the manifest; None, or its failure (a record that cannot be stored is one)."""
+  try:
+    writer.add_record(record)
+    return None
+  except (ValueError, TypeError) as e:
+    images = record.get("provenance", {}).get("images") or [{}]
+    return failure(images[0].get("path"), f"cannot store the record ({e})", record.get("id"))
+
+
+def make_report(*, n_input: int, n_records: int, failures: Iterable[tuple[Any, dict]],
+                results: Iterable[tuple[ScanJob, _Result]], skipped: Iterable[dict[str, str]],
+                redact_paths: bool, start: float) -> dict[str, Any]:
+  """The build report. failures: (input position, failure), reported in position order; results: one
+  (job, result) per distinct scan job, in the order the jobs were first named."""
+  failures, results = list(failures), list(results)
+  rs = [r for _, r in results]
+  return {
+      "n_input": n_input, "n_records": n_records, "n_failed": len(failures),
+      "volumes": {"written": sum(r.written for r in rs),
+                  "reused": sum(r.key is not None and not r.written for r in rs),
+                  "failed": sum(r.reason is not None for r in rs),
+                  "repaired": sum(r.repaired is not None for r in rs)},
+      "failures": [f for _, f in sorted(failures, key=lambda pf: pf[0])], "skipped": list(skipped),
+      "repaired": [{"path": printable(j.label(redact_paths)), "key": r.key, "reason": r.repaired}
+                   for j, r in results if r.repaired is not None],
+      "seconds": round(time.time() - start, 2), "reader_version": READER_VERSION,
+  }
+
+
+def commit(writer: StoreWriter, report: dict[str, Any], allow_empty: bool) -> None:
+  """Writes the manifest (StoreWriter.finish); an EmptyBuild carries the refused build's report."""
+  try:
+    writer.finish(report, allow_empty=allow_empty)
+  except EmptyBuild as e:
+    e.report = report
+    raise
+
+
 def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_root: str, out: Any,
                    workers: int = 0, pool: str = "thread", chunks: tuple[int, ...] | None = None,
                    codec: str | None = None, progress: bool = True, total: int | None = None,
@@ -237,49 +316,30 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
   n_records = n_input = 0
   bar = tqdm(total=total, disable=not progress, unit="sample", desc="ingest", file=sys.stderr)
 
-  def fail(position: int, path: Any, reason: str, sample: str | None = None, row: Any = None) -> None:
-    failures.append((position, {"path": printable(path), "sample": printable(sample), "row": row,
-                                "reason": printable(reason)}))
-
-  def settle(block: bool) -> None:
+  def settle_ready(block: bool) -> None:
     nonlocal n_records
     while pending:
       position, sample, jobs = pending[0]
       if not block and not all(futures[j].done() for j in jobs):
         return
       pending.pop(0)
-      results = [futures[j].result() for j in jobs]
-      bad = [(j, r) for j, r in zip(jobs, results) if r.reason is not None]
-      if bad:
-        job, res = bad[0]
-        fail(position, job.label(redact_paths), _sanitize(res.reason, src_root, job, redact_paths), sample.id)
-      else:
-        provenance = {"images": [{"path": j.label(redact_paths), "index": j.index, "hash": r.hash}
-                                 for j, r in zip(jobs, results)]}
-        try:
-          writer.add_record(sample.to_record([r.key for r in results], provenance))
-          n_records += 1
-        except (ValueError, TypeError) as e:   # a record that cannot be stored is one failure
-          fail(position, jobs[0].label(redact_paths), f"cannot store the record ({e})", sample.id)
+      record, failed = settle(sample, jobs, [futures[j].result() for j in jobs], src_root=src_root,
+                              redact_paths=redact_paths)
+      if record is not None:
+        failed = store_record(writer, record)
+        n_records += failed is None
+      if failed is not None:
+        failures.append((position, failed))
       bar.update(1)
 
   try:
     for item in samples:
       n_input += 1
-      if isinstance(item, schema.RowError):
-        fail(n_input, item.source, item.reason, row=item.row)
+      jobs, failed = plan(item, ids)
+      if failed is not None:
+        failures.append((n_input, failed))
         bar.update(1)
         continue
-      try:
-        item.validate()
-        if item.id in ids:
-          raise ValueError(f"sample {item.id!r}: duplicate id")
-        jobs = [ScanJob.of(im) for im in item.images]
-      except (ValueError, TypeError) as e:
-        fail(n_input, item.source or None, str(e), getattr(item, "id", None))
-        bar.update(1)
-        continue
-      ids.add(item.id)
       for job in jobs:
         if job not in futures:
           futures[job] = submit(job)
@@ -288,29 +348,16 @@ def ingest_samples(samples: Iterable[schema.Sample | schema.RowError], *, src_ro
       inflight = {f for f in inflight if not f.done()}
       while len(inflight) >= max_inflight:
         _, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-      settle(block=False)
-    settle(block=True)
+      settle_ready(block=False)
+    settle_ready(block=True)
   finally:
     executor.shutdown(wait=True, cancel_futures=True)
     bar.close()
 
-  results = {job: f.result() for job, f in futures.items()}
-  report = {
-      "n_input": n_input, "n_records": n_records, "n_failed": len(failures),
-      "volumes": {"written": sum(r.written for r in results.values()),
-                  "reused": sum(r.key is not None and not r.written for r in results.values()),
-                  "failed": sum(r.reason is not None for r in results.values()),
-                  "repaired": sum(r.repaired is not None for r in results.values())},
-      "failures": [f for _, f in sorted(failures, key=lambda pf: pf[0])], "skipped": list(skipped),
-      "repaired": [{"path": printable(j.label(redact_paths)), "key": r.key, "reason": r.repaired}
-                   for j, r in results.items() if r.repaired is not None],
-      "seconds": round(time.time() - start, 2), "reader_version": READER_VERSION,
-  }
-  try:
-    writer.finish(report, allow_empty=allow_empty)
-  except EmptyBuild as e:
-    e.report = report
-    raise
+  report = make_report(n_input=n_input, n_records=n_records, failures=failures,
+                       results=[(job, f.result()) for job, f in futures.items()], skipped=skipped,
+                       redact_paths=redact_paths, start=start)
+  commit(writer, report, allow_empty)
   return report
 
 

@@ -48,14 +48,16 @@ def _utf8(text: str) -> bool:
     return False
 
 
-def discover(src: str) -> tuple[list[Scan], list[dict[str, str]], list[dict[str, str]]]:
+def discover(src: str,
+             root: str | None = None) -> tuple[list[Scan], list[dict[str, str]], list[dict[str, str]]]:
   """Every scan under src (sorted), the files passed over and the entries that are failures (each as
-  {"path", "reason"})."""
+  {"path", "reason"}); paths relative to root (default src; a folder among several --src folders is
+  listed relative to their common parent)."""
   scans: list[Scan] = []
   skipped: list[dict[str, str]] = []
   bad: list[dict[str, str]] = []
   dicom_files: list[str] = []
-  rel = lambda p: os.path.relpath(p, src)  # noqa: E731
+  rel = lambda p: os.path.relpath(p, root or src)  # noqa: E731
 
   def unreadable(err: OSError) -> None:
     bad.append({"path": printable(rel(err.filename or src)),
@@ -169,8 +171,9 @@ def text_samples(text: str) -> Iterator[schema.Sample | schema.RowError]:
       yield schema.RowError(source=name, row=lineno, reason=printable(str(e)))
 
 
-def samples_from_folder(src: str, *, text: str | None = None, redact: bool = False):
-  """(samples, skipped, total) for ingest_samples: the JSONL's samples, or every scan under src."""
+def samples_from_folder(src: str, *, text: str | None = None, redact: bool = False, root: str | None = None):
+  """(samples, skipped, total) for ingest_samples: the JSONL's samples, or every scan under src (paths
+  relative to root, default src)."""
   if not os.path.isdir(src):
     raise FileNotFoundError(f"--src {src}: no such folder")
   if text is not None:
@@ -179,6 +182,6 @@ def samples_from_folder(src: str, *, text: str | None = None, redact: bool = Fal
     with open(text, "rb") as f:
       total = sum(1 for line in f if line.strip())  # for the progress bar
     return text_samples(text), [], total
-  scans, skipped, bad = discover(src)
+  scans, skipped, bad = discover(src, root)
   errors = [schema.RowError(source=b["path"], row=None, reason=b["reason"]) for b in bad]
   return itertools.chain(errors, image_only_samples(scans, redact=redact)), skipped, len(scans) + len(bad)
