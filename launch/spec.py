@@ -123,6 +123,10 @@ def spec_from_flags(argv: Sequence[str]) -> RunSpec:
   extra = list(argv[1:])
   if extra and extra[0] == "--":
     extra = extra[1:]
+  misplaced = [a for a in extra if a.split("=")[0] in ("--dry_run", "--nodry_run", "--plan", "--name")]
+  if misplaced:
+    raise app.UsageError(f"{misplaced} come after `--` and would go to the entry point; put launcher flags "
+                         "before `--`")
   for name in ("name", "workdir"):
     if not f[name].value:
       raise app.UsageError(f"--{name} is required")
@@ -143,8 +147,8 @@ def validate(spec: RunSpec) -> None:
     raise Refused(f"--entry={spec.entry!r}: expected one of {ENTRIES}")
   if spec.entry == "build" and len(spec.stores) != 1:
     raise Refused("--entry=build writes one store: give exactly one --store (the output, gs://...)")
-  if spec.entry == "eval" and len(spec.stores) != 1:
-    raise Refused("--entry=eval reads one store: give exactly one --store")
+  if spec.entry == "eval" and len(spec.stores) != 1 and not scores_predictions(spec):
+    raise Refused("--entry=eval reads one store: give exactly one --store (or `-- --predictions=FILE`)")
   if spec.entry == "train" and len(spec.stores) > 1:
     raise Refused("--entry=train takes at most one --store (several: a data.mix in the config)")
   if spec.num_slices < 1 or spec.nodes < 1:
@@ -156,6 +160,10 @@ def validate(spec: RunSpec) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The command the run executes on every host.
 # ----------------------------------------------------------------------------------------------------
+def scores_predictions(spec: RunSpec) -> bool:
+  return any(a.startswith("--predictions") for a in spec.extra)
+
+
 def checkpoint_path(spec: RunSpec) -> str:
   return spec.checkpoint or spec.workdir.rstrip("/") + "/export"
 
@@ -168,8 +176,9 @@ def entry_command(spec: RunSpec, python: str = "python") -> list[str]:
     if spec.stores:
       cmd.append(f"--config.data.store={spec.stores[0]}")
   elif spec.entry == "eval":
-    cmd = [python, "-m", "eval.radbench", f"--checkpoint={checkpoint_path(spec)}", f"--store={spec.stores[0]}",
-           f"--out={spec.workdir.rstrip('/')}/radbench"]
+    cmd = [python, "-m", "eval.radbench", f"--out={spec.workdir.rstrip('/')}/radbench"]
+    if not scores_predictions(spec):  # else: scoring a predictions file given after `--`
+      cmd[3:3] = [f"--checkpoint={checkpoint_path(spec)}", f"--store={spec.stores[0]}"]
   elif spec.entry == "export":
     cmd = [python, "-m", "radfm_jax.export", f"--workdir={spec.workdir}", f"--dst={checkpoint_path(spec)}"]
   else:
@@ -186,12 +195,14 @@ def shell(argv: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------------------
 def load_config(config: str, overrides: Sequence[str] = ()):
   """The config file with its overrides applied, parsed exactly as the entry points parse it."""
+  argv = ["launch", f"--config={config}", *overrides]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "run config", flag_values=fv, lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "run config", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   try:
-    fv(["launch", f"--config={config}", *overrides])
+    fv(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
     raise Refused(f"--config={config} with {list(overrides)} does not parse: {e}") from e
   return fv.config

@@ -29,13 +29,18 @@ from absl import flags
 
 from launch import spec as spec_lib
 
-_PROJECT = flags.DEFINE_string("project", None, "GCP project.")
-_ZONE = flags.DEFINE_string("zone", None, "Zone with TPU capacity (e.g. us-east5-a for v5p).")
-_SPOT = flags.DEFINE_bool("spot", False, "Spot capacity (preemptible; the run restarts and resumes).")
-_RUNTIME = flags.DEFINE_string("runtime_version", None, "TPU VM software version (default per generation).")
-_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 5, "Spot: how many times to re-create after preemption.")
-_KEEP = flags.DEFINE_bool("keep", False, "Keep the slice at the end (debugging); default: delete it.")
-_POLL = flags.DEFINE_integer("poll_seconds", 30, "Seconds between queued-resource state checks.")
+
+def define_flags() -> None:
+  """Shared flags + this target's (defined only when run as a program)."""
+  spec_lib.define_flags()
+  flags.DEFINE_string("project", None, "GCP project.")
+  flags.DEFINE_string("zone", None, "Zone with TPU capacity (e.g. us-east5-a for v5p).")
+  flags.DEFINE_bool("spot", False, "Spot capacity (preemptible; the run restarts and resumes).")
+  flags.DEFINE_string("runtime_version", None, "TPU VM software version (default per generation).")
+  flags.DEFINE_integer("max_restarts", 5, "Spot: how many times to re-create after preemption.")
+  flags.DEFINE_bool("keep", False, "Keep the slice at the end (debugging); default: delete it.")
+  flags.DEFINE_integer("poll_seconds", 30, "Seconds between queued-resource state checks.")
+
 
 ENV_DIR = "~/radfm_env"
 CODE_DIR = "~/radfm_jax"
@@ -149,7 +154,7 @@ def main(argv: Sequence[str]) -> None:
   except spec_lib.Refused as e:
     spec_lib.refuse_exit(e)
   tarball = os.path.join(tempfile.gettempdir(), f"{spec.name}-radfm_jax.tgz")
-  cmds = commands(spec, _PROJECT.value, _ZONE.value, _SPOT.value, _RUNTIME.value, tarball)
+  cmds = commands(spec, f.project, f.zone, f.spot, f.runtime_version, tarball)
   if f.dry_run:
     for step in ("package", "upload", "create"):
       runner.run(cmds[step])
@@ -157,15 +162,15 @@ def main(argv: Sequence[str]) -> None:
     runner.output(cmds["state"])
     for step in ("setup", "run"):
       runner.run(cmds[step])
-    if _SPOT.value:
+    if f.spot:
       runner.note(f"spot: if the run fails and the queued resource is {'/'.join(RESTARTABLE)}, delete, "
-                  f"re-create and rerun (up to {_MAX_RESTARTS.value} times); training resumes from the workdir")
+                  f"re-create and rerun (up to {f.max_restarts} times); training resumes from the workdir")
     runner.run(cmds["delete"])
     return
-  raise SystemExit(launch(spec, cmds, runner, spot=_SPOT.value, max_restarts=_MAX_RESTARTS.value,
-                          keep=_KEEP.value, poll_seconds=_POLL.value))
+  raise SystemExit(launch(spec, cmds, runner, spot=f.spot, max_restarts=f.max_restarts, keep=f.keep,
+                          poll_seconds=f.poll_seconds))
 
 
 if __name__ == "__main__":
-  spec_lib.define_flags()
+  define_flags()
   spec_lib.run(main)
