@@ -140,6 +140,8 @@ def run(argv: Sequence[str]) -> None:
     if not _STORE.value:
       raise app.UsageError("--checkpoint needs --store")
     from eval import generation  # pylint: disable=import-outside-toplevel  (imports jax)
+    from radfm_jax import distributed  # pylint: disable=import-outside-toplevel  (imports jax)
+    distributed.initialize()  # several processes (one per host) share the generation
     items, errors, run_info = generation.predict_store(
         _CHECKPOINT.value, _STORE.value, _SPLIT.value, tasks=_TASKS.value or None, limit=_LIMIT.value,
         batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
@@ -173,4 +175,6 @@ def run(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  from radfm_jax import distributed  # pylint: disable=g-import-not-at-top  (imports jax)
+  distributed.define_flags()  # --coordinator, --num_processes, --process_id: one process per host
   app.run(main)
