@@ -92,8 +92,8 @@ def job(spec: spec_lib.RunSpec, *, machine_type: str | None, cpus: int, spot: bo
           "taskSpec": {
               "runnables": [{"container": {"imageUri": spec.image, "entrypoint": "bash",
                                            "commands": ["-c", spec_lib.shell(command(spec, cpus))]}}],
-              "computeResource": {"cpuMilli": (cpus if not acc else 8) * 1000,
-                                  "memoryMib": (cpus if not acc else 8) * 3584},
+              "computeResource": {"cpuMilli": (cpus if not acc else 64) * 1000,
+                                  "memoryMib": (cpus * 3584) if not acc else 512 * 1024},
               "maxRetryCount": retries, "maxRunDuration": f"{hours * 3600}s",
               "environment": {"variables": variables},
               **({"volumes": volumes(mounts)} if mounts else {}),

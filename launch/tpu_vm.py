@@ -76,12 +76,18 @@ def create_command(spec: spec_lib.RunSpec, project: str | None, zone: str | None
 
 
 def setup_script(spec: spec_lib.RunSpec) -> str:
-  """Run on every worker: the code from the workdir, the pinned venv (kept across restarts)."""
+  """Run on every worker: the code from the workdir, the pinned venv (kept across restarts). TPU VM images
+  ship Python 3.10 and the pins need 3.11: uv provides the interpreter; torch comes from the CPU index
+  (sentence-transformers, RadBench) so that pip does not pull a CUDA build."""
+  uv = "~/.local/bin/uv"
+  pip = f"{uv} pip install -q --python {ENV_DIR}/bin/python"
   return " && ".join([
       "set -euo pipefail", f"mkdir -p {CODE_DIR}", f"cd {CODE_DIR}",
       f"gcloud storage cp {code_uri(spec)} code.tgz", "tar xzf code.tgz",
-      f"(test -x {ENV_DIR}/bin/python || python3 -m venv {ENV_DIR})",
-      f"{ENV_DIR}/bin/pip install -q -r requirements.txt -r launch/requirements-tpu.txt"])
+      "python3 -m pip install -q --user uv",
+      f"(test -x {ENV_DIR}/bin/python || {uv} venv --python 3.11 {ENV_DIR})",
+      f"{pip} torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
+      f"{pip} -r requirements.txt -r launch/requirements-tpu.txt"])
 
 
 def run_script(spec: spec_lib.RunSpec) -> str:

@@ -5,6 +5,7 @@ config (config_flags + overrides) and its mesh checked against the requested chi
 Golden files: tests/fixtures/launch/golden/*.txt (this checkout's path is written <REPO>). After an
 intended change, regenerate them with RADFM_UPDATE_GOLDEN=1 and read the diff.
 """
+import concurrent.futures
 import json
 import os
 import re
@@ -73,13 +74,13 @@ def _dry_run(args, cwd):
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-  out = {}
-  for name, args in RUNS.items():
-    rc, text, err = _dry_run(args, REPO)
+def outputs():
+  """Every launcher's dry run (in parallel: each is a Python start-up plus a config load)."""
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = dict(zip(RUNS, pool.map(lambda args: _dry_run(args, REPO), RUNS.values())))
+  for name, (rc, _, err) in results.items():
     assert rc == 0, (name, err[-3000:])
-    out[name] = text
-  return out
+  return {name: text for name, (_, text, _) in results.items()}
 
 
 def _entry_argv(text: str, module: str) -> list[str]:
