@@ -23,7 +23,7 @@ from radfm_jax.data.build import ingest_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LINE = re.compile(r"step (\d+) loss ([0-9.eE+-]+|nan|inf)")
-STEPS = 8
+STEPS = 12
 STORE = f"gs://{BUCKET}/store"
 RUN = f"gs://{BUCKET}/run"
 
@@ -85,7 +85,7 @@ def test_build_store_to_gcs(gcs, raw, gcs_store):
 
 def _train(gcs, raw, workdir, tb, kill_when=None):
   cmd = [sys.executable, "-m", "radfm_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-         f"--config.total_steps={STEPS}", "--config.checkpoint_every=2", "--config.log_every=1",
+         f"--config.total_steps={STEPS}", "--config.checkpoint_every=4", "--config.log_every=1",
          "--config.data.eval_split=", f"--config.data.store={STORE}", f"--config.data.tokenizer={raw['tok']}",
          f"--config.tensorboard_dir={tb}"]
   proc = subprocess.Popen(cmd, cwd=REPO, env=_env(gcs, raw["cache"]), stdout=subprocess.PIPE,
@@ -108,8 +108,9 @@ def _train(gcs, raw, workdir, tb, kill_when=None):
 
 
 def _committed(gcs, step):
+  """Orbax on gs:// marks a finished step with commit_success.txt (no atomic rename on GCS)."""
   gcs.fs.invalidate_cache()
-  return bool(gcs.fs.glob(f"{BUCKET}/run/checkpoints/{step}/*"))
+  return gcs.fs.exists(f"{BUCKET}/run/checkpoints/{step}/commit_success.txt")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def trained(gcs, raw, gcs_store, tmp_path_factory):
   rc, ref, log = _train(gcs, raw, ref_dir, ref_dir / "tb")
   assert rc == 0, log[-3000:]
   tb = tmp_path_factory.mktemp("gcs_tb")
-  rc1, first, log1 = _train(gcs, raw, RUN, tb, kill_when=lambda s: s >= 6 and _committed(gcs, 4))
+  rc1, first, log1 = _train(gcs, raw, RUN, tb, kill_when=lambda s: s >= 5 and _committed(gcs, 4))
   rc2, second, log2 = _train(gcs, raw, RUN, tb)
   return dict(ref=ref, ref_dir=ref_dir, rc1=rc1, first=first, rc2=rc2, second=second, log2=log2)
 
@@ -138,7 +139,8 @@ def test_train_on_gcs_killed_and_resumed_exactly(gcs, trained):
   # Orbax checkpoints, Grain iterator state and metrics.jsonl all live in the bucket.
   gcs.fs.invalidate_cache()
   steps = sorted(int(p.rsplit("/", 1)[1]) for p in gcs.fs.ls(f"{BUCKET}/run/checkpoints") if p[-1].isdigit())
-  assert steps[-1] == STEPS and len(steps) == 3   # keep_checkpoints=3
+  assert steps == [4, 8, 12]
+  assert all(gcs.fs.exists(f"{BUCKET}/run/checkpoints/{s}/commit_success.txt") for s in steps)
   assert gcs.fs.exists(f"{BUCKET}/run/checkpoints/{STEPS}/data/process_0-of-1.json")
   got = [json.loads(x) for x in gcs.fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
   with open(trained["ref_dir"] / "metrics.jsonl") as f:
