@@ -32,7 +32,7 @@ from eval.metrics import meteor as meteor_lib  # noqa: E402  pylint: disable=wro
 from eval.metrics.semantic import EmbeddingSimilarity, RaTEScoreMetric, default_embedding_model  # noqa: E402
 from eval.metrics.terms import DEFAULT_TERMS, TermMatcher  # noqa: E402  pylint: disable=wrong-import-position
 from eval.tasks import Item, Scorers  # noqa: E402  pylint: disable=wrong-import-position
-from radfm_jax import paths  # noqa: E402  pylint: disable=wrong-import-position
+from radfm_jax import distributed, paths  # noqa: E402  pylint: disable=wrong-import-position
 from radfm_jax.data.schema import RowError  # noqa: E402  pylint: disable=wrong-import-position
 from radfm_jax.data.store import Store  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -140,7 +140,6 @@ def run(argv: Sequence[str]) -> None:
     if not _STORE.value:
       raise app.UsageError("--checkpoint needs --store")
     from eval import generation  # pylint: disable=import-outside-toplevel  (imports jax)
-    from radfm_jax import distributed  # pylint: disable=import-outside-toplevel  (imports jax)
     distributed.initialize()  # several processes (one per host) share the generation
     items, errors, run_info = generation.predict_store(
         _CHECKPOINT.value, _STORE.value, _SPLIT.value, tasks=_TASKS.value or None, limit=_LIMIT.value,
@@ -175,6 +174,5 @@ def run(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from radfm_jax import distributed  # pylint: disable=g-import-not-at-top  (imports jax)
   distributed.define_flags()  # --coordinator, --num_processes, --process_id: one process per host
   app.run(main)

@@ -17,9 +17,10 @@ from gcs_emulator import BUCKET, GcsEmulator
 from eval import predictions as predictions_lib
 from eval import radbench
 from eval.tasks import Item
-from radfm_jax.data import demo, files
+from radfm_jax.data import demo
 from radfm_jax.data import tokenizer as tokenizer_lib
-from radfm_jax.data.build import ingest_samples
+from radfm_jax.data.ingest import files
+from radfm_jax.data.ingest.build import ingest_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LINE = re.compile(r"step (\d+) loss ([0-9.eE+-]+|nan|inf)")
@@ -163,8 +164,9 @@ def test_export_to_gcs_and_read_back(gcs, raw, trained):
   local = str(trained["ref_dir"] / "export")
   check = (
       "import sys, numpy as np\n"
-      "from radfm_jax import checkpoint, checkpoint_manager\n"
-      "checkpoint_manager.export(sys.argv[1], sys.argv[2])\n"
+      "from radfm_jax import checkpoint\n"
+      "from radfm_jax.training import export\n"
+      "export.export(sys.argv[1], sys.argv[2])\n"
       "names = sorted(checkpoint.param_metadata(sys.argv[2]))\n"
       "a, b = checkpoint.read_params(sys.argv[2], names), checkpoint.read_params(sys.argv[3], names)\n"
       "cfg = checkpoint.load_config(sys.argv[3])\n"
