@@ -82,8 +82,8 @@ def jobset(spec: spec_lib.RunSpec, max_restarts: int) -> dict:
   return {
       "apiVersion": "jobset.x-k8s.io/v1alpha2",
       "kind": "JobSet",
-      "metadata": {"name": spec.name,
-                   "annotations": {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
+      "metadata": {"name": spec.name, "annotations": {
+          "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
       "spec": {
           "failurePolicy": {"maxRestarts": max_restarts},
           "replicatedJobs": [{

@@ -50,7 +50,7 @@ def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file (configs/*.py[:ARG]); --config.key=value overrides follow.")
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, outputs (gs://BUCKET/... remote).")
   flags.DEFINE_multi_string("store", [], "Store root(s): train (overrides data.store), eval input, build output.")
-  flags.DEFINE_string("checkpoint", None, "Params checkpoint: eval input / export output (default WORKDIR/export).")
+  flags.DEFINE_string("checkpoint", None, "Params checkpoint: eval input, export output (default WORKDIR/export).")
   flags.DEFINE_string("accelerator", "v5p-8", "TPU type (v5p-64, v6e-16, ...), a GPU type (h100, a100) or cpu.")
   flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice: data parallel over slices, over DCN).")
   flags.DEFINE_integer("nodes", 1, "GPU / CPU nodes (SLURM).")

@@ -114,8 +114,7 @@ def _committed(gcs, step):
   return gcs.fs.exists(f"{BUCKET}/run/checkpoints/{step}/commit_success.txt")
 
 
-@pytest.fixture(scope="module")
-def trained(gcs, raw, gcs_store, tmp_path_factory):
+def _trained(gcs, raw, tmp_path_factory):
   """An uninterrupted local-workdir run, then a gs:// workdir run SIGKILLed after its step-4 checkpoint and
   restarted."""
   ref_dir = tmp_path_factory.mktemp("gcs_ref")
@@ -127,7 +126,9 @@ def trained(gcs, raw, gcs_store, tmp_path_factory):
   return dict(ref=ref, ref_dir=ref_dir, rc1=rc1, first=first, rc2=rc2, second=second, log2=log2)
 
 
-def test_train_on_gcs_killed_and_resumed_exactly(gcs, trained):
+def test_train_on_gcs_killed_resumed_exactly_then_exported(gcs, raw, gcs_store, tmp_path_factory):
+  """One test (not a shared fixture): under pytest-xdist the runs happen once, on one worker."""
+  trained = _trained(gcs, raw, tmp_path_factory)
   ref, first, second = trained["ref"], trained["first"], trained["second"]
   assert sorted(ref) == list(range(1, STEPS + 1))
   assert trained["rc1"] == -signal.SIGKILL and max(first) < STEPS
@@ -146,10 +147,12 @@ def test_train_on_gcs_killed_and_resumed_exactly(gcs, trained):
   got = [json.loads(x) for x in gcs.fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
   with open(trained["ref_dir"] / "metrics.jsonl") as f:
     want = [json.loads(x) for x in f]
-  assert [(r["step"], r["loss"]) for r in got if "loss" in r] == [(r["step"], r["loss"]) for r in want if "loss" in r]
+  losses = lambda records: [(r["step"], r["loss"]) for r in records if "loss" in r]  # noqa: E731
+  assert losses(got) == losses(want)
+  _export_and_read_back(gcs, raw, trained)
 
 
-def test_export_to_gcs_and_read_back(gcs, raw, trained):
+def _export_and_read_back(gcs, raw, trained):
   env = _env(gcs, raw["cache"])
   dst = f"gs://{BUCKET}/export"
   proc = subprocess.run([sys.executable, "-m", "radfm_jax.export", f"--workdir={RUN}", f"--dst={dst}"], cwd=REPO,
@@ -187,7 +190,8 @@ def test_radbench_scores_gcs_predictions_into_gcs(gcs, raw, tmp_path):
   predictions_lib.write(items, tmp_path / "local_in")
   gcs.fs.put(str(tmp_path / "local_in" / "predictions.jsonl"), f"{BUCKET}/preds/predictions.jsonl")
   args = ["--n_boot=50", "--embedding_model=/nonexistent", "--nometeor"]
-  proc = subprocess.run([sys.executable, "-m", "eval.radbench", f"--predictions=gs://{BUCKET}/preds/predictions.jsonl",
+  preds = f"gs://{BUCKET}/preds/predictions.jsonl"
+  proc = subprocess.run([sys.executable, "-m", "eval.radbench", f"--predictions={preds}",
                          f"--out=gs://{BUCKET}/radbench", *args], cwd=REPO, env=_env(gcs, raw["cache"]),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -36,7 +36,8 @@ def _run(cmd, processes: int, cache):
     return [res.stdout], [res.stderr]
   port = _free_port()
   procs = [subprocess.Popen([*cmd, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                            cwd=REPO, env=_env(4, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=_env(4, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=400) for p in procs]
   for p, (_, err) in zip(procs, outs):
