@@ -25,6 +25,7 @@ def add_train_config(c: ml_collections.ConfigDict, *, optim_overrides=None, **ov
   c.init_from = ""            # params checkpoint (radfm_jax.checkpoint) to start from: RadFM or LM-only
   c.profile_steps = 0         # >0: profile this many steps (TensorBoard trace in the workdir)
   c.profile_first = 5         # ... starting this many steps after the (re)start
+  c.tensorboard_dir = ""       # TensorBoard events ("" = the workdir; local or gs://)
   c.optim = optim.default_config()
   for k, v in (optim_overrides or {}).items():
     c.optim[k] = v

@@ -27,12 +27,12 @@ import ast
 import csv
 import io
 import json
-import os
 import pathlib
 import sys
 from typing import Any, Iterable
 
 from eval.tasks import Item
+from radfm_jax import paths
 from radfm_jax.data import jsonl
 from radfm_jax.data.schema import TASKS, RowError
 
@@ -151,7 +151,7 @@ def _read_ours(path: str, rows: Iterable[tuple[int, Any]], task: str | None) -> 
 
 
 def _decode(path: str, encoding: str | None) -> tuple[str, str]:
-  raw = pathlib.Path(path).read_bytes()
+  raw = paths.path(path).read_bytes()  # local or gs://
   for enc in ([encoding] if encoding else ENCODINGS):
     try:
       return raw.decode(enc), enc
@@ -201,7 +201,7 @@ def read(path: str, task: str | None = None, encoding: str | None = None) -> tup
   `task` forces every row's task; `encoding` overrides the automatic choice (see module doc)."""
   if task is not None and task not in TASKS:
     raise PredictionsError(f"--task {task!r} is not one of {TASKS}")
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"predictions file {path} does not exist")
   suffix = pathlib.Path(path).suffix.lower()
   if suffix not in (".jsonl", ".csv"):

@@ -32,6 +32,7 @@ from eval.metrics import meteor as meteor_lib  # noqa: E402  pylint: disable=wro
 from eval.metrics.semantic import EmbeddingSimilarity, RaTEScoreMetric, default_embedding_model  # noqa: E402
 from eval.metrics.terms import DEFAULT_TERMS, TermMatcher  # noqa: E402  pylint: disable=wrong-import-position
 from eval.tasks import Item, Scorers  # noqa: E402  pylint: disable=wrong-import-position
+from radfm_jax import distributed, paths  # noqa: E402  pylint: disable=wrong-import-position
 from radfm_jax.data.schema import RowError  # noqa: E402  pylint: disable=wrong-import-position
 from radfm_jax.data.store import Store  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -130,7 +131,7 @@ def run(argv: Sequence[str]) -> None:
     raise app.UsageError("give exactly one of --predictions or --checkpoint (with --store)")
   baseline = None
   if _BASELINE.value:
-    baseline = json.loads(pathlib.Path(_BASELINE.value).read_text(encoding="utf-8"))
+    baseline = json.loads(paths.path(_BASELINE.value).read_text(encoding="utf-8"))
   if _PREDICTIONS.value:
     items, errors = predictions.read(_PREDICTIONS.value, task=_TASK.value, encoding=_ENCODING.value)
     source, run_info = _PREDICTIONS.value, {"mode": "predictions"}
@@ -139,6 +140,7 @@ def run(argv: Sequence[str]) -> None:
     if not _STORE.value:
       raise app.UsageError("--checkpoint needs --store")
     from eval import generation  # pylint: disable=import-outside-toplevel  (imports jax)
+    distributed.initialize()  # several processes (one per host) share the generation
     items, errors, run_info = generation.predict_store(
         _CHECKPOINT.value, _STORE.value, _SPLIT.value, tasks=_TASKS.value or None, limit=_LIMIT.value,
         batch_size=_BATCH.value, max_new_tokens=_MAX_NEW.value)
@@ -168,8 +170,9 @@ def run(argv: Sequence[str]) -> None:
     if row["primary"]:
       print(f"{row['task']:12s} {row['metric']:22s} {report.fmt(row['value'])} "
             f"{report.fmt_ci([row['lo'], row['hi']])} n={row['n']}")
-  print(f"report: {pathlib.Path(_OUT.value) / 'report.md'}")
+  print(f"report: {paths.path(_OUT.value) / 'report.md'}")
 
 
 if __name__ == "__main__":
+  distributed.define_flags()  # --coordinator, --num_processes, --process_id: one process per host
   app.run(main)

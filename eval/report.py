@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
+from radfm_jax import paths  # noqa: E402  pylint: disable=wrong-import-position
 from eval.scoring import headline_rows  # noqa: E402  pylint: disable=wrong-import-position
 from eval.tasks import KINDS  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -73,7 +74,8 @@ def plot_task_scores(metrics: dict[str, Any], path: pathlib.Path) -> None:
     ax.grid(axis="x", alpha=0.3)
   axes[-1, 0].set_xlabel("score with 95% bootstrap CI (values as in the tables)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with path.open("wb") as f:  # local or remote (gs://)
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -120,7 +122,8 @@ def plot_breakdown(metrics: dict[str, Any], path: pathlib.Path) -> bool:
   ax.legend(fontsize=8, ncols=min(6, len(groups)), loc="upper center", bbox_to_anchor=(0.5, -0.28))
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with path.open("wb") as f:  # local or remote (gs://)
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
   return True
 
@@ -141,7 +144,8 @@ def plot_confusion(conf: dict[str, Any], path: pathlib.Path) -> None:
               color="white" if m[i, j] > thresh else "black")
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with path.open("wb") as f:  # local or remote (gs://)
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -231,7 +235,7 @@ def write(metrics: dict[str, Any], out_dir: str | pathlib.Path, *, title: str = 
           source: str = "", errors: int = 0, baseline: dict[str, Any] | None = None,
           baseline_label: str = "baseline") -> pathlib.Path:
   """Writes report.md and its PNGs into out_dir; returns the report path."""
-  out = pathlib.Path(out_dir)
+  out = paths.path(out_dir)  # local or remote (gs://)
   out.mkdir(parents=True, exist_ok=True)
   boot = metrics["bootstrap"]
   md = [f"# {title}", ""]

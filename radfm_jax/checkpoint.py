@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -37,7 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from radfm_jax import models, sharding
+from radfm_jax import models, paths, sharding
 
 FORMAT = "radfm_jax.params/1"
 META_FILE = "radfm_jax.json"
@@ -120,19 +119,19 @@ def _set_field(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as fh:
+  with paths.path(path).open("rb") as fh:
     for block in iter(lambda: fh.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
 
 
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
-  path = os.path.join(ckpt_dir, META_FILE)
-  if not os.path.exists(path):
-    what = "an unfinished save or not a radfm_jax params checkpoint" if os.path.isdir(ckpt_dir) else "no such directory"
+  path = paths.path(ckpt_dir) / META_FILE
+  if not path.exists():
+    what = ("an unfinished save or not a radfm_jax params checkpoint" if paths.path(ckpt_dir).is_dir()
+            else "no such directory")
     raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE} ({what})")
-  with open(path) as fh:
-    meta = json.load(fh)
+  meta = json.loads(path.read_text())
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
   return meta
@@ -140,13 +139,13 @@ def read_meta(ckpt_dir: str) -> dict[str, Any]:
 
 def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
   """The full config the checkpoint was saved with (tokenizer field pointed at the checkpoint's copy)."""
-  ckpt_dir = os.path.abspath(ckpt_dir)
+  ckpt_dir = paths.absolute(ckpt_dir)
   meta = read_meta(ckpt_dir)
   cfg = ml_collections.ConfigDict(meta["config"])
   tok = meta.get("tokenizer")
   if tok:
     copy = os.path.join(ckpt_dir, tok["file"])
-    if not os.path.isfile(copy):
+    if not paths.path(copy).is_file():
       raise FileNotFoundError(f"{ckpt_dir}: tokenizer copy {tok['file']} is missing")
     _set_field(cfg, tok["field"], copy)
   return cfg
@@ -178,7 +177,7 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
     model_class: "radfm" | "llama"; inferred from a module, else from the tree ("vision" -> radfm).
     extra: JSON-able provenance recorded in radfm_jax.json (e.g. the conversion source).
   """
-  ckpt_dir = os.path.abspath(ckpt_dir)
+  ckpt_dir = paths.absolute(ckpt_dir)
   cfg = _full_config(cfg)
   params = param_dict(model_or_state)
   if model_class is None:
@@ -187,11 +186,11 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
     else:
       model_class = "radfm" if "vision" in params else "llama"
   models.get(model_class)  # raises on an unknown class
-  if os.path.exists(ckpt_dir):
+  if paths.path(ckpt_dir).exists():
     if not overwrite:
       raise FileExistsError(f"{ckpt_dir} exists (pass overwrite=True to replace it)")
     if jax.process_index() == 0:
-      shutil.rmtree(ckpt_dir)
+      paths.path(ckpt_dir).rmtree()
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"radfm_jax.save_model:{ckpt_dir}")
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_save_registry())) as ckptr:
@@ -209,17 +208,16 @@ def save_model(ckpt_dir: str, model_or_state: Any, cfg: Any, *, model_class: str
   }
   if jax.process_index() == 0:
     found = _find_tokenizer(cfg)
-    if found and os.path.isfile(found[1]):
+    if found and paths.path(found[1]).is_file():
       field, path = found
-      shutil.copyfile(path, os.path.join(ckpt_dir, TOKENIZER_FILE))
-      meta["tokenizer"] = {"field": field, "source_path": os.path.abspath(path),
+      paths.path(path).copy(paths.path(ckpt_dir) / TOKENIZER_FILE, overwrite=True)
+      meta["tokenizer"] = {"field": field, "source_path": paths.absolute(path),
                            "sha256": sha256_file(path), "file": TOKENIZER_FILE}
     elif found:
       logging.warning("config %s=%s is not a file: the checkpoint records no tokenizer", *found)
-    tmp = os.path.join(ckpt_dir, META_FILE + ".tmp")
-    with open(tmp, "w") as fh:
-      json.dump(meta, fh, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(ckpt_dir, META_FILE))
+    tmp = paths.path(ckpt_dir) / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    tmp.replace(paths.path(ckpt_dir) / META_FILE)
   return ckpt_dir
 
 
@@ -286,7 +284,7 @@ def load_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, dtype: Any 
   `model_class="radfm"` on an LM-only ("llama") checkpoint builds a RadFM whose LM is the checkpoint's
   and whose vision tower, resampler, fc and image markers are freshly initialised (seed cfg.seed).
   """
-  ckpt_dir = os.path.abspath(ckpt_dir)
+  ckpt_dir = paths.absolute(ckpt_dir)
   meta = read_meta(ckpt_dir)
   cfg = load_config(ckpt_dir)
   if dtype is not None:
@@ -328,5 +326,5 @@ def restore_params(ckpt_dir: str, module: nnx.Module) -> nnx.Module:
   state = nnx.state(module, nnx.Param)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
-  nnx.update(module, _restore_into(os.path.abspath(ckpt_dir), abstract))
+  nnx.update(module, _restore_into(paths.absolute(ckpt_dir), abstract))
   return module

@@ -46,6 +46,11 @@ def _initialize_detected() -> bool:
     if "coordinator" not in str(e).lower():
       raise
     return False
+  except RuntimeError as e:  # JAX already ran in this process (a library call, e.g. eval.radbench.main in a test)
+    if "before any JAX calls" not in str(e):
+      raise
+    logging.warning("jax.distributed not initialised: JAX was already in use (%s); single process", e)
+    return False
   return True
 
 

@@ -87,7 +87,8 @@ def main(argv) -> int:
     with jax.set_mesh(mesh):
       out = generate(model, prompt, mask, images, image_mask, max_new_tokens=f.max_new_tokens,
                      eos_id=f.eos_id, rng=row_keys(f.seed, [0]), **sampling)
-    print(json.dumps({"ids": trim(np.asarray(out), f.eos_id)[0]}), flush=True)
+    if jax.process_index() == 0:
+      print(json.dumps({"ids": trim(np.asarray(out), f.eos_id)[0]}), flush=True)
     return 0
   if f.batch_file:
     inputs = generate_inputs.read_batch_file(f.batch_file)
@@ -104,8 +105,9 @@ def main(argv) -> int:
       failures += 1
       where = f"line {res['line']} (id {res['id']!r})" if "line" in res else "the prompt"
       logging.error("%s failed: %s", where, res["error"])
-    sys.stdout.write(json.dumps(res) + "\n")
-    sys.stdout.flush()
+    if jax.process_index() == 0:  # every process holds every result; one prints
+      sys.stdout.write(json.dumps(res) + "\n")
+      sys.stdout.flush()
   logging.info("%d of %d inputs answered, %d failed", len(inputs) - failures, len(inputs), failures)
   return schema.exit_status(failures)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 from typing import Any, Sequence
 
@@ -22,8 +21,9 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
+
+from radfm_jax import paths
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -38,7 +38,7 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     # Orbax restores need absolute paths; kvstore URLs (gs://...) are left as they are.
     workdir = str(workdir)
-    self.directory = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+    self.directory = paths.path(workdir) / "checkpoints"  # local (absolute) or gs://
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(

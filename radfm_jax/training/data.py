@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from radfm_jax import paths
 from radfm_jax.data import collate
 from radfm_jax.data import demo as demo_lib
 from radfm_jax.data import store as store_lib
@@ -60,7 +61,7 @@ def _build_demo(data_cfg, demo, vocab_size: int) -> None:
     report = demo_lib.make_demo(demo.out, n=int(demo.n), seed=int(demo.seed))
     if report["n_failed"]:
       raise RuntimeError(f"demo store build in {demo.out} had {report['n_failed']} failures")
-  if not os.path.exists(data_cfg.tokenizer):
+  if not paths.path(data_cfg.tokenizer).exists():  # local or gs://
     prefix = data_cfg.tokenizer[:-len(".model")] if data_cfg.tokenizer.endswith(".model") else data_cfg.tokenizer
     logging.info("Training a %d-piece tokenizer on %s -> %s", vocab_size, data_cfg.store, data_cfg.tokenizer)
     tokenizer_lib.train_tokenizer(data_cfg.store, prefix, vocab_size)

@@ -7,9 +7,8 @@ Writes the trainable and frozen parameters of a train checkpoint, with the run's
 from __future__ import annotations
 
 import logging
-import os
 
-from radfm_jax import checkpoint, models, sharding
+from radfm_jax import checkpoint, models, paths, sharding
 from radfm_jax.training import state as train_state
 from radfm_jax.training.checkpoints import Checkpoints
 
@@ -26,7 +25,7 @@ def export(workdir: str, dst: str, step: int | None = None, overwrite: bool = Fa
   state, _ = ckpts.restore(step, layout.abstract)
   params = train_state.merge_params(state["params"], state["frozen"])
   out = checkpoint.save_model(dst, params, cfg, model_class=models.DEFAULT, overwrite=overwrite,
-                              extra={"source": os.path.abspath(workdir), "step": int(step)})
+                              extra={"source": paths.absolute(workdir), "step": int(step)})
   ckpts.close()
   logging.info("Exported step %d of %s to %s", step, workdir, out)
   return out

@@ -4,12 +4,13 @@ Sections: logging -> mesh -> data -> model + sharding -> restore -> update step 
 -> loop -> cleanup. The run resumes by itself from the latest complete checkpoint in the workdir (same
 data, same losses). Top-level config keys read here: seed, total_steps, log_every, checkpoint_every,
 keep_checkpoints, eval_every, eval_batches, microbatches, nonfinite_limit, init_from, init_required,
-profile_steps, profile_first, optim.*, model.*, mesh.*, data.* (defaults: configs/common_train.py).
+profile_steps, profile_first, tensorboard_dir, optim.*, model.*, mesh.*, data.* (defaults:
+configs/common_train.py). The workdir may be a URL (gs://bucket/run): checkpoints, metrics.jsonl and
+TensorBoard events (unless tensorboard_dir says otherwise) go there.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
+from radfm_jax import paths
 from radfm_jax import sharding
 from radfm_jax.training import checkpoints as checkpoint_manager
 from radfm_jax.training import data as train_data
@@ -74,8 +76,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   """Trains `cfg` in `workdir` (resuming when it holds a checkpoint); returns a summary with the final
   `state`, `step`, `start_step`, `last_metrics`, `eval` and `first_step_seconds`."""
   # ---------------------------------------------------------------------------------------- logging
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)  # a local folder or a URL (gs://bucket/run)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
   _quiet_library_logs()
   logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
@@ -129,7 +131,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     return compiled[key](state, batch), flops[key]
 
   # ---------------------------------------------------------------------------------------- metrics
-  writer = metrics_lib.MetricsWriter(workdir, start_step=start)
+  writer = metrics_lib.MetricsWriter(workdir, start_step=start,
+                                     tensorboard_dir=cfg.get("tensorboard_dir") or None)
   peak, peak_src = metrics_lib.peak_flops(cfg.model.dtype)
   logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_src)
   timer = StepTimer(peak)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from radfm_jax import paths
+
 # Dense bf16 peak per chip, TFLOP/s; matched as lower-case substrings of `device.device_kind`.
 PEAK_TFLOPS = (
     ("v6 lite", 918.0), ("v6e", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0),
@@ -126,26 +128,36 @@ class MetricsWriter:
 
   `start_step`: on resume, records of `metrics.jsonl` after this step (written by the interrupted run
   after its last checkpoint) are dropped so the file holds each step once.
+  `workdir` may be a URL (gs://...): object stores cannot append, so there the whole file is rewritten
+  on each write (a few hundred bytes per logged step). `tensorboard_dir` (default: the workdir) takes
+  the TensorBoard events elsewhere.
   """
 
-  def __init__(self, workdir: str, *, start_step: int = 0):
+  def __init__(self, workdir: str, *, start_step: int = 0, tensorboard_dir: str | None = None):
     from clu import metric_writers  # imports TensorFlow: keep it out of module import.
     self.primary = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary,
-                                                       asynchronous=False)
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = metric_writers.create_default_writer(tensorboard_dir or workdir,
+                                                       just_logging=not self.primary, asynchronous=False)
+    self.path = paths.path(workdir) / "metrics.jsonl"
+    self._lines: list[str] | None = None   # remote: the file's lines, rewritten on each write
     if self.primary:
-      os.makedirs(workdir, exist_ok=True)
-      kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      kept = [json.dumps(r) + "\n" for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
+      self.path.write_text("".join(kept))
+      if paths.is_remote(self.path):
+        self._lines = kept
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
     self.writer.write_scalars(step, scalars)
     if self.primary:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+      line = json.dumps({"step": int(step), **scalars}) + "\n"
+      if self._lines is None:
+        with self.path.open("a") as f:
+          f.write(line)
+      else:
+        self._lines.append(line)
+        self.path.write_text("".join(self._lines))
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     self.writer.write_hparams(dict(hparams))
@@ -157,12 +169,12 @@ class MetricsWriter:
     self.writer.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """Records of a metrics.jsonl (missing file: [])."""
-  if not os.path.exists(path):
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """Records of a metrics.jsonl, local or remote (missing file: [])."""
+  path = paths.path(path)
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def tree_norm(tree) -> jax.Array:
