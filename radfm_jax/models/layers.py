@@ -1,5 +1,5 @@
 """Building blocks shared by the three towers: parameters with logical axes, dense projections, norms,
-multi-head attention, and scan-over-layers with a remat policy.
+and scan-over-layers (attention lives in models/attention.py) with a remat policy.
 
 Conventions
 - Every parameter is an `nnx.Param` whose metadata `out_sharding` holds one *logical* axis name per
@@ -14,7 +14,6 @@ Conventions
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,7 +22,6 @@ import ml_collections
 from flax import nnx
 
 Axes = tuple[str | None, ...]
-NEG_INF = -1e30  # finite: fully masked rows give a uniform softmax, never NaN
 
 
 def frozen(cfg) -> ml_collections.FrozenConfigDict:
@@ -108,29 +106,6 @@ class RMSNorm(nnx.Module):
     x = x.astype(jnp.float32)
     y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
-  """Multi-head (grouped-query) attention.
-
-  q [B, T, N, D], k/v [B, S, K, D] with N a multiple of K; mask broadcastable to [B, T, S] (True =
-  attend) or None. Scores and softmax in float32; scale D**-0.5. Returns [B, T, N, D] in `dtype`.
-  """
-  b, t, n, d = q.shape
-  kh = k.shape[2]
-  if n % kh:
-    raise ValueError(f"{n} query heads are not a multiple of {kh} key/value heads")
-  dtype = dtype_of(dtype)
-  q = q.reshape(b, t, kh, n // kh, d).astype(dtype)
-  s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
-  s = s * (1.0 / math.sqrt(d))
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))
-    s = jnp.where(mask[:, None, None], s, NEG_INF)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(dtype), v.astype(dtype),
-                 preferred_element_type=jnp.float32)
-  return o.reshape(b, t, n, d).astype(dtype)
 
 
 def stack_blocks(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

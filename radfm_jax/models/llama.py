@@ -5,6 +5,8 @@ Masking rule (both modes): query i attends key j iff slot(j) <= slot(i) and segm
 Training/packing: slots are 0..T-1 and segments are `segment_ids` (0 = padding); positions (RoPE) are
 given by the caller and restart per segment. Decoding: a `KVCache` holds keys/values for S slots plus
 the segment id of each slot (0 = never written / padding); new tokens are written at `cache.index`.
+Both go through `models.attention.attention` (causal flag + segment ids + cache offset; no [B, T, T]
+mask is ever built outside the attention call), whose backend is `cfg.attention` ("auto" by default).
 
 Parameter tree (L = lm.layers, E = lm.hidden, H = heads, K = kv_heads, k = head_dim, M = lm.mlp,
 V = vocab_size):
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radfm_jax.models import attention as attn_lib
 from radfm_jax.models import layers
 from radfm_jax.sharding import constrain
 
@@ -74,23 +77,27 @@ class LlamaBlock(nnx.Module):
     self.up = layers.Dense(c.hidden, c.mlp, axes=("embed", "mlp"), **kw)
     self.down = layers.Dense(c.mlp, c.hidden, axes=("mlp", "embed"), **kw)
     self.theta, self.dtype = c.rope_theta, cfg.dtype
+    self.impl = cfg.get("attention", "auto")
 
   def project(self, x, positions):
     """Attention inputs: q [B, T, H, k], k/v [B, T, K, k] (RoPE applied to q and k)."""
     a = self.attn_norm(x)
     return rope(self.q(a), positions, self.theta), rope(self.k(a), positions, self.theta), self.v(a)
 
-  def finish(self, x, q, keys, values, mask):
-    """Attention over keys/values [B, S, K, k] with mask [B, T, S], output projection, SwiGLU MLP."""
-    x = x + self.o(layers.attention(q, keys, values, mask, self.dtype))
+  def finish(self, x, q, keys, values, q_segment_ids, kv_segment_ids, q_offset=None):
+    """Causal attention over keys/values [B, S, K, k] (segment ids [B, T] / [B, S] or None; q_offset:
+    the queries' first cache slot when decoding), output projection, SwiGLU MLP."""
+    x = x + self.o(attn_lib.attention(q, keys, values, causal=True, q_segment_ids=q_segment_ids,
+                                      kv_segment_ids=kv_segment_ids, q_offset=q_offset, dtype=self.dtype,
+                                      implementation=self.impl))
     m = self.mlp_norm(x)
     x = x + self.down(jax.nn.silu(self.gate(m).astype(jnp.float32)).astype(m.dtype) * self.up(m))
     return constrain(x, ACT)
 
-  def __call__(self, x, positions, mask):
-    """Self-attention block over x [B, T, E] with mask [B, T, T]."""
+  def __call__(self, x, positions, segment_ids):
+    """Causal self-attention block over x [B, T, E]; segment_ids [B, T] (packing) or None."""
     q, k, v = self.project(x, positions)
-    return self.finish(x, q, k, v, mask)
+    return self.finish(x, q, k, v, segment_ids, segment_ids)
 
 
 class Llama(nnx.Module):
@@ -125,17 +132,13 @@ class Llama(nnx.Module):
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Full-sequence forward. inputs [B, T] ids or embeds [B, T, E]; returns logits [B, T, V] float32.
 
-    positions default to 0..T-1 and segment_ids to all ones (one unpadded sequence per row).
+    positions default to 0..T-1; segment_ids None means one unpadded sequence per row.
     """
     x = self.embed(inputs) if embeds is None else embeds.astype(self.dtype)
     b, t = x.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-    slots = jnp.arange(t)
-    mask = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, mask), None),
+    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, segment_ids), None),
                               constrain(x, ACT), remat=self.remat, scan=self.scan)
     return self._head(x)
 
@@ -153,10 +156,8 @@ class Llama(nnx.Module):
     segment_ids [B, T] of the new tokens (0 = padding, e.g. left-padded prompt slots).
     """
     t = embeds.shape[1]
-    seg = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids.astype(jnp.int32), cache.index, 1)
-    k_slot = jnp.arange(seg.shape[1])
-    q_slot = cache.index + jnp.arange(t)
-    mask = (k_slot[None, :] <= q_slot[:, None])[None] & (segment_ids[:, :, None] == seg[:, None, :])
+    segment_ids = segment_ids.astype(jnp.int32)
+    seg = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids, cache.index, 1)
 
     # The whole cache rides in the scan carry; the new tokens are written first and the layer's slice
     # read after, so XLA updates the cache in place.
@@ -167,7 +168,8 @@ class Llama(nnx.Module):
       ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
       cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
       h = blk.finish(h, q, jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False),
-                     jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False), mask)
+                     jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False), segment_ids, seg,
+                     cache.index)
       return (h, ck, cv), None
 
     (x, k, v), _ = layers.scan_blocks(self.blocks, body, (embeds.astype(self.dtype), cache.k, cache.v),
