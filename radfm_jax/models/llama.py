@@ -125,12 +125,16 @@ class Llama(nnx.Module):
     """Text embedding rows (ids are clipped into range; validate ids on the host beforehand)."""
     return jnp.take(self.embed_tokens[...], jnp.clip(ids, 0, self.vocab_size - 1), axis=0).astype(self.dtype)
 
-  def _head(self, x: jax.Array) -> jax.Array:
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final norm + head: hidden [B, T, E] (as `__call__(..., head=False)` returns) -> [B, T, V] float32."""
     return constrain(self.lm_head(self.final_norm(x), out_dtype=jnp.float32), ("batch", "length", "vocab"))
 
   def __call__(self, inputs: jax.Array | None = None, *, embeds: jax.Array | None = None,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Full-sequence forward. inputs [B, T] ids or embeds [B, T, E]; returns logits [B, T, V] float32.
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               head: bool = True) -> jax.Array:
+    """Full-sequence forward. inputs [B, T] ids or embeds [B, T, E]; returns logits [B, T, V] float32,
+    or with `head=False` the last block's hidden states [B, T, E] (for `models.loss`, which applies
+    `logits` in sequence chunks so [B, T, V] never exists whole).
 
     positions default to 0..T-1; segment_ids None means one unpadded sequence per row.
     """
@@ -140,7 +144,7 @@ class Llama(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, segment_ids), None),
                               constrain(x, ACT), remat=self.remat, scan=self.scan)
-    return self._head(x)
+    return self.logits(x) if head else x
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     c = self.cfg.lm
@@ -174,4 +178,4 @@ class Llama(nnx.Module):
 
     (x, k, v), _ = layers.scan_blocks(self.blocks, body, (embeds.astype(self.dtype), cache.k, cache.v),
                                       jnp.arange(cache.k.shape[0]), remat="none", scan=self.scan)
-    return self._head(x), KVCache(k, v, seg, cache.index + t)
+    return self.logits(x), KVCache(k, v, seg, cache.index + t)

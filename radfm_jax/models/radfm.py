@@ -137,7 +137,10 @@ class RadFM(nnx.Module):
 
   def __call__(self, inputs: jax.Array, images: jax.Array | None = None,
                image_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None,
+               head: bool = True) -> jax.Array:
+    """Logits [B, T, vocab_size] float32; `head=False`: the LM's last hidden states [B, T, hidden]
+    (feed them to `models.loss` with `self.lm`, which never builds the full logits)."""
     cfg = self.cfg
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be [B, T] token ids, got shape {inputs.shape}")
@@ -152,7 +155,8 @@ class RadFM(nnx.Module):
       check_token_ids(cfg, inputs, image_mask)
     image_embeds = (None if images is None
                     else self.encode_images(images, image_mask, dropout_key=dropout_key))
-    return self.lm(embeds=self.embed(inputs, image_embeds), positions=positions, segment_ids=segment_ids)
+    return self.lm(embeds=self.embed(inputs, image_embeds), positions=positions, segment_ids=segment_ids,
+                   head=head)
 
 
 def loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
