@@ -123,7 +123,13 @@ class Llama(nnx.Module):
 
   def embed(self, ids: jax.Array) -> jax.Array:
     """Text embedding rows (ids are clipped into range; validate ids on the host beforehand)."""
-    return jnp.take(self.embed_tokens[...], jnp.clip(ids, 0, self.vocab_size - 1), axis=0).astype(self.dtype)
+    # Under a mesh context the table's embed dim is gathered over fsdp first (FSDP's per-use weight
+    # gather; vocab stays split over tensor) so the rows come out batch-sharded: gathering straight from
+    # the (vocab, embed)-sharded table made XLA replicate the [B, T, E] result to move fsdp from its
+    # embed dim to its batch dim ("involuntary full rematerialization" on a (2, 2, 2) mesh).
+    table = constrain(self.embed_tokens[...], ("vocab", None))
+    x = jnp.take(table, jnp.clip(ids, 0, self.vocab_size - 1), axis=0).astype(self.dtype)
+    return constrain(x, ACT)
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Final norm + head: hidden [B, T, E] (as `__call__(..., head=False)` returns) -> [B, T, V] float32."""

@@ -125,8 +125,11 @@ class RadFM(nnx.Module):
     cfg = self.cfg
     v = cfg.vocab_size
     x = self.lm.embed(inputs)
-    marker = jnp.take(self.image_marker_embed[...].astype(self.dtype), jnp.clip(inputs - v, 0, 1), axis=0)
-    x = jnp.where(((inputs == v) | (inputs == v + 1))[..., None], marker, x)
+    # Two marker rows by selects, not a gather: gathering from the [2, hidden] table (hidden over fsdp)
+    # made XLA replicate the [B, T, hidden] result ("involuntary full rematerialization").
+    rows = self.image_marker_embed[...].astype(self.dtype)
+    x = jnp.where((inputs == v)[..., None], rows[0], x)
+    x = jnp.where((inputs == v + 1)[..., None], rows[1], x)
     if image_embeds is not None:
       b, s, n, h = image_embeds.shape
       flat = image_embeds.reshape(b, s * n, h).astype(self.dtype)
