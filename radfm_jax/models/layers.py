@@ -10,10 +10,13 @@ Conventions
   `scan_blocks` (a `lax.scan`; `unroll=True` when `cfg.scan_layers` is False) so one parameter tree
   serves both modes.
 - Precision: parameters are stored in `param_dtype`; matmul inputs are cast to the compute `dtype` and
-  accumulate in float32 (`preferred_element_type`); norms, softmax and RoPE run in float32.
+  accumulate in float32 (`preferred_element_type`); norms, softmax and RoPE run in float32. With a
+  16-bit compute dtype the backward matmuls take 16-bit cotangents too (`_low_precision_dot`), as
+  mixed-precision training does on accelerators.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -45,6 +48,34 @@ def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
   return (x,) if isinstance(x, int) else tuple(x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """x [..., *in] . kernel [*in, *out] with float32 accumulation, for bf16/f16 inputs whose backward
+  matmuls also take the low-precision cotangent (plain autodiff would feed the float32 cotangent of the
+  float32 product and run both backward matmuls at float32 speed: ~1.5x slower on CPU)."""
+  return _dot_fwd(x, kernel, n_in)[0]
+
+
+def _dot_fwd(x, kernel, n_in):
+  y = jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                          preferred_element_type=jnp.float32)
+  return y, (x, kernel)
+
+
+def _dot_bwd(n_in, res, g):
+  x, kernel = res
+  g = g.astype(x.dtype)
+  n_out, n_batch = kernel.ndim - n_in, x.ndim - n_in
+  dx = jax.lax.dot_general(g, kernel, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_in, kernel.ndim))),
+                                       ((), ())), preferred_element_type=jnp.float32)
+  dk = jax.lax.dot_general(x, g, ((tuple(range(n_batch)), tuple(range(n_batch))), ((), ())),
+                           preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_low_precision_dot.defvjp(_dot_fwd, _dot_bwd)
+
+
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the last len(in_features) axes of x.
 
@@ -70,10 +101,12 @@ class Dense(nnx.Module):
     n_in = len(self.in_features)
     if x.shape[x.ndim - n_in:] != self.in_features:
       raise ValueError(f"Dense expects trailing dims {self.in_features}, got input shape {x.shape}")
-    y = jax.lax.dot_general(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        preferred_element_type=jnp.float32)
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    if self.dtype.itemsize < 4:
+      y = _low_precision_dot(x, kernel, n_in)
+    else:
+      y = jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                              preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(out_dtype or self.dtype)
