@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from radfm_jax import generate as gen
+from radfm_jax.inference import decoding as gen
 from radfm_jax.models import attention as attn_lib
 from radfm_jax.models.radfm import RadFM, image_token_id
 from attention_reference import reference

@@ -248,9 +248,11 @@ import jax
 from flax import nnx
 from radfm_jax import sharding
 from radfm_jax.models import loss as loss_lib
+from radfm_jax.models.radfm import RadFM
+from train_utils import synthetic_batch, tiny_train_config
 cfg = tiny_train_config()
 mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-graphdef, state = sharding.create_sharded(cfg.model, mesh, seed=0)
+graphdef, state = sharding.create_sharded(RadFM, cfg.model, mesh, seed=0)
 batch = sharding.shard_batch(synthetic_batch(cfg, 8), mesh)
 def loss(st, bt):
   m = nnx.merge(graphdef, st)

@@ -5,7 +5,7 @@ r"""Training throughput: the jitted step alone (MFU against a matmul probe of th
 
 Step alone: the train step of `radfm_jax.training.step` (sharded, donated state) on one pipeline-shaped synthetic
 batch (one image block, answer tokens in the last quarter of each row), timed over --steps steps after
-compilation. MFU = analytic model FLOPs (radfm_jax.metrics.train_flops) / step time / peak; on CPU the
+compilation. MFU = analytic model FLOPs (radfm_jax.training.metrics.train_flops) / step time / peak; on CPU the
 peak is a bf16-in / f32-accumulate matmul probe (the model's precision) measured before and after the
 steps (their mean; both printed: the machine may be shared), on TPU/GPU the chip table.
 Trainer: --steps steps in a temporary workdir; the table holds the steady-state medians of the logged
