@@ -285,3 +285,16 @@ def test_no_involuntary_remat_on_2x2x2_mesh():
                        timeout=900)
   assert "compiled under the mesh" in res.stdout, res.stderr[-3000:]
   assert "Involuntary full rematerialization" not in res.stderr, res.stderr[-3000:]
+
+
+def test_uint16_and_uint8_images_scaled_on_device(forward):
+  """The pipeline's compact transport: uint16 / uint8 images holding round(x * max) give the logits of
+  the float images they round (uint16: within fp32 noise of the exact float input)."""
+  ids = jnp.array([[1] + _image_block(CFG, 0) + [7, 8]])
+  x = np.asarray(_images(1, 1, 32, 32, 4, seed=5))[..., :1]
+  want = forward(ids, jnp.asarray(np.rint(x * 65535) / 65535, jnp.float32), jnp.ones((1, 1), bool))
+  got = forward(ids, jnp.asarray(np.rint(x * 65535).astype(np.uint16)), jnp.ones((1, 1), bool))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  want8 = forward(ids, jnp.asarray(np.rint(x * 255) / 255, jnp.float32), jnp.ones((1, 1), bool))
+  got8 = forward(ids, jnp.asarray(np.rint(x * 255).astype(np.uint8)), jnp.ones((1, 1), bool))
+  np.testing.assert_allclose(got8, want8, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,8 @@ with K = slot * tokens_per_image + j (slot < cfg.max_images). Rows for V, V+1 co
 `image_marker_embed` [2, hidden]; rows for `<imageK>` are gathered from the projected resampler
 outputs of image slot K // tokens_per_image. Logits cover the text vocabulary only.
 
-Images are channels-last [B, S, H, W, D, C] in [0, 1] with `image_mask [B, S]` marking used slots
+Images are channels-last [B, S, H, W, D, C] in [0, 1] (float, or uint16/uint8 holding round(x * max),
+the input pipeline's compact transport, scaled on device) with `image_mask [B, S]` marking used slots
 (unused slots are computed but their tokens are zeroed; referencing them is an error when checked).
 C = cfg.vision.channels, or C = 1 (gray, as the input pipeline sends it): replicated on device.
 
@@ -104,6 +105,8 @@ class RadFM(nnx.Module):
     if images.ndim != 6:
       raise ValueError(f"images must be [B, S, H, W, D, C] (2D images as depth-{cfg.vision.patch_d} "
                        f"volumes), got shape {images.shape}")
+    if jnp.issubdtype(images.dtype, jnp.integer):  # the pipeline's uint16/uint8 transport: round(x * max)
+      images = images.astype(jnp.float32) * (1.0 / jnp.iinfo(images.dtype).max)
     if images.shape[-1] == 1 and cfg.vision.channels != 1:
       images = jnp.broadcast_to(images, images.shape[:-1] + (cfg.vision.channels,))
     b, s = images.shape[:2]
