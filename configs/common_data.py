@@ -42,6 +42,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   d.crop_scale = (0.8, 1.0)    # train-time random resized crop (2D; 3D too when crop_3d)
   d.crop_3d = False
   d.image_channels = 1         # host channels: 1 gray (replicated on device; colour -> luma) | 3
+  d.image_dtype = "float32"    # host/transport dtype: float32 | uint16 (lossless for bf16; half the bytes) | uint8
   # -- execution ------------------------------------------------------------------------------------
   d.workers = 2                # Grain worker processes (0 = in the main process)
   d.worker_buffer = 2          # batches buffered per worker

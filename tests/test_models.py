@@ -240,3 +240,61 @@ def test_bf16_compute_close_to_fp32(model, forward):
   assert lo.dtype == jnp.float32
   assert float(jnp.abs(lo - hi).max()) < 0.05 * float(jnp.abs(hi).max())
   assert int((lo.argmax(-1) == hi.argmax(-1)).sum()) >= ids.shape[1] - 2
+
+
+
+_REMAT_PROBE = """
+import jax
+from flax import nnx
+from radfm_jax import sharding
+from radfm_jax.models import loss as loss_lib
+from radfm_jax.models.radfm import RadFM
+from train_utils import synthetic_batch, tiny_train_config
+cfg = tiny_train_config()
+mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+graphdef, state = sharding.create_sharded(RadFM, cfg.model, mesh, seed=0)
+batch = sharding.shard_batch(synthetic_batch(cfg, 8), mesh)
+def loss(st, bt):
+  m = nnx.merge(graphdef, st)
+  h = m(bt["inputs"], bt["images"], bt["image_mask"], positions=bt["positions"],
+        segment_ids=bt["segment_ids"], head=False)
+  return loss_lib.lm_loss(m.lm, h, bt["targets"], bt["loss_mask"])[0]
+step = jax.jit(jax.grad(loss), in_shardings=(sharding.state_shardings(state, mesh),
+                                            {k: v.sharding for k, v in batch.items()}))
+step.lower(state, batch).compile()
+print("compiled without a mesh context", flush=True)
+with jax.set_mesh(mesh):  # activation constraints on
+  step.lower(state, batch).compile()
+print("compiled under the mesh", flush=True)
+"""
+
+
+def test_no_involuntary_remat_on_2x2x2_mesh():
+  """Issue 11: the image-marker gather (a [2, hidden] table, hidden over fsdp) and, under a mesh
+  context, the token-embedding gather made XLA's SPMD partitioner replicate [B, T, hidden]
+  ("Involuntary full rematerialization") on a (data, fsdp, tensor) = (2, 2, 2) mesh. Compile the loss
+  gradient there in a subprocess (XLA logs to stderr; conftest's TF_CPP_MIN_LOG_LEVEL=3 would hide it)."""
+  import os
+  import subprocess
+  import sys
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(tests), tests]))
+  res = subprocess.run([sys.executable, "-c", _REMAT_PROBE], env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert "compiled under the mesh" in res.stdout, res.stderr[-3000:]
+  assert "Involuntary full rematerialization" not in res.stderr, res.stderr[-3000:]
+
+
+def test_uint16_and_uint8_images_scaled_on_device(forward):
+  """The pipeline's compact transport: uint16 / uint8 images holding round(x * max) give the logits of
+  the float images they round (uint16: within fp32 noise of the exact float input)."""
+  ids = jnp.array([[1] + _image_block(CFG, 0) + [7, 8]])
+  x = np.asarray(_images(1, 1, 32, 32, 4, seed=5))[..., :1]
+  want = forward(ids, jnp.asarray(np.rint(x * 65535) / 65535, jnp.float32), jnp.ones((1, 1), bool))
+  got = forward(ids, jnp.asarray(np.rint(x * 65535).astype(np.uint16)), jnp.ones((1, 1), bool))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  want8 = forward(ids, jnp.asarray(np.rint(x * 255) / 255, jnp.float32), jnp.ones((1, 1), bool))
+  got8 = forward(ids, jnp.asarray(np.rint(x * 255).astype(np.uint8)), jnp.ones((1, 1), bool))
+  np.testing.assert_allclose(got8, want8, rtol=1e-5, atol=1e-5)

@@ -296,3 +296,18 @@ def test_mixes_name_registered_datasets():
     assert all(m["store"] == f"gs://bucket/stores/{m['name']}" for m in mix)
   assert "pmc_inline" not in {m["name"] for m in mixes.radmd_finetune("r")}
   assert pipeline.mixture(common_data.data_config(store="x")) == [("data", "x", 1.0)]
+
+
+def test_uint16_transport_is_the_rounded_float_batch(store, tok):
+  """data.image_dtype="uint16": the same batches with images = round(float images * 65535), through a
+  Grain worker as in process; the model scales them back on device (test_models)."""
+  floats = take(pipeline.make_pipeline(cfg_for(store), tok, split="train", train=True, seed=3,
+                                       process_index=0, process_count=1), 2)
+  compact = take(pipeline.make_pipeline(cfg_for(store, image_dtype="uint16", workers=1), tok, split="train",
+                                        train=True, seed=3, process_index=0, process_count=1), 2)
+  for a, b in zip(floats, compact):
+    assert b["images"].dtype == np.uint16 and b["images"].nbytes * 2 == a["images"].nbytes
+    np.testing.assert_array_equal(b["images"], np.rint(a["images"] * 65535).astype(np.uint16))
+    for k in a:
+      if k != "images":
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

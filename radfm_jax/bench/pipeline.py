@@ -1,18 +1,18 @@
 """Input pipeline benchmark: the full Grain pipeline vs a raw TensorStore read of the same volumes.
 
-  python -m radfm_jax.bench.pipeline [--volumes=32] [--vol_shape=256,256,64] [--batch=4] [--workers=2]
-                                [--image_channels=1]
+  python -m radfm_jax.bench.pipeline [--volumes=32] [--vol_shape=256,256,64] [--batch=4] [--workers=0,1,2]
+                                     [--image_dtypes=float32,uint16] [--image_channels=1]
 
 Builds a store of n CT-like int16 volumes (bench/volumes.py: pydicom's real CT slice plus
 noise, default chunks and codec), one 3D report sample per volume, and a small tokenizer; then measures
 in one run:
   raw       Store.read_volume of every volume, one thread (decode only), and with `threads` threads;
-  pipeline  make_pipeline(train=True) at RadFM's 3D grid (256x256 x depth bucket), `workers` Grain
-            processes: read + min-max + resize + tokenize + batch of `image_channels` (C_host, 1 = gray:
-            the model replicates it on device) float32 channels; the first batch (worker start-up)
+  pipeline  make_pipeline(train=True) at RadFM's 3D grid (256x256 x depth bucket), per image dtype
+            (data.image_dtype: float32, or uint16 = half the bytes through workers) and per count of Grain
+            worker processes: read + min-max + resize + tokenize + batch of `image_channels` (C_host,
+            1 = gray: the model replicates it on device) channels; the first batch (worker start-up)
             is timed apart.
-MB/s counts the stored (native int16) bytes of the volumes consumed; "out MB/s" the float32 images
-produced. Finishes in about 30 s on 2 cores. Measured there (loaded, 2-3 runs in one session), samples/s:
+MB/s counts the stored (native int16) bytes of the volumes consumed; "out MB/s" the images produced. Finishes in about 30 s on 2 cores. Measured there (loaded, 2-3 runs in one session), samples/s:
 raw read 47-55 (1 thread), 41-73 (2 threads); pipeline with C_host = 1 (the default) 19-24 in process,
 11-12 with 2 workers; with --image_channels=3 (the former 3-channel output) 9.6-12.9 and 2.8-7.3.
 """
@@ -33,7 +33,8 @@ from radfm_jax.data import pipeline, schema, store, tokenizer
 _N = flags.DEFINE_integer("volumes", 32, "number of 3D volumes (one sample each)")
 _SHAPE = flags.DEFINE_list("vol_shape", ["256", "256", "64"], "H,W,D of each int16 volume")
 _BATCH = flags.DEFINE_integer("batch", 4, "global batch of 3D samples")
-_WORKERS = flags.DEFINE_integer("workers", 2, "Grain worker processes")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker process counts to compare")
+_DTYPES = flags.DEFINE_list("image_dtypes", ["float32", "uint16"], "host image dtypes (data.image_dtype)")
 _THREADS = flags.DEFINE_integer("threads", 2, "read threads (raw threaded read, and per worker)")
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "pipeline epochs timed after the first batch")
 _CHANNELS = flags.DEFINE_integer("image_channels", 1, "host image channels (data.image_channels): 1 or 3")
@@ -72,12 +73,12 @@ def raw_read(root: str, keys: list[str], threads: int) -> float:
 
 
 def run_pipeline(root: str, tok_path: str, n: int, shape, batch: int, workers: int, threads: int,
-                 epochs: int, channels: int = 1) -> dict[str, float]:
+                 epochs: int, channels: int = 1, image_dtype: str = "float32") -> dict[str, float]:
   tok = tokenizer.Tokenizer.load(tok_path, max_images=1, tokens_per_image=32)
   cfg = common_data.data_config(store=root, image_hw_3d=(256, 256), max_len=128, len_buckets=(128,),
                                 slot_buckets=(1,), batch_size=batch, batch_size_3d=batch, workers=workers,
                                 read_threads=threads, prefetch=2, worker_buffer=2,
-                                image_channels=channels)
+                                image_channels=channels, image_dtype=image_dtype)
   t0 = time.perf_counter()
   it = pipeline.make_pipeline(cfg, tok, split="train", train=True, seed=0, process_index=0, process_count=1)
   first = next(it)
@@ -111,15 +112,17 @@ def main(argv) -> None:
     for threads in sorted({1, _THREADS.value}):
       dt = raw_read(root, keys, threads)
       rows.append((f"raw TensorStore read, {threads} thread(s)", n / dt, mib / dt, float("nan")))
-    for workers in sorted({0, _WORKERS.value}):
-      r = run_pipeline(root, tok_path, n, shape, _BATCH.value, workers, _THREADS.value, _EPOCHS.value,
-                       _CHANNELS.value)
-      sps = r["samples"] / r["seconds"]
-      rows.append((f"pipeline, {workers} worker(s), grid {r['grid']}, first batch {r['first_s']:.1f}s",
-                   sps, sps * per, r["out_bytes"] / 2**20 / r["seconds"]))
-    print(f"{'':64s} {'samples/s':>10s} {'MB/s':>8s} {'out MB/s':>9s}")
+    for dtype in _DTYPES.value:
+      for workers in map(int, _WORKERS.value):
+        r = run_pipeline(root, tok_path, n, shape, _BATCH.value, workers, _THREADS.value, _EPOCHS.value,
+                         _CHANNELS.value, dtype)
+        sps = r["samples"] / r["seconds"]
+        rows.append((f"pipeline {dtype}, {workers} worker(s), first batch {r['first_s']:.1f}s",
+                     sps, sps * per, r["out_bytes"] / 2**20 / r["seconds"]))
+    print(f"\n| {shape} int16 volumes -> grid {r['grid']} | samples/s | stored MB/s | out MB/s |")
+    print("|---|---|---|---|")
     for name, sps, mbs, out in rows:
-      print(f"{name:64s} {sps:10.1f} {mbs:8.0f} {out:9.0f}")
+      print(f"| {name} | {sps:.1f} | {mbs:.0f} | {out:.0f} |")
   finally:
     if not _OUT.value:
       shutil.rmtree(scratch, ignore_errors=True)

@@ -186,7 +186,7 @@ class BatchBuilder:
     batch = {k: np.zeros((b, t), np.int32) for k in text_keys}
     batch["inputs"][:] = self.tok.pad_id
     batch["targets"][:] = self.tok.pad_id
-    batch["images"] = np.zeros((b, s, *grid, self.spec.image_channels), np.float32)
+    batch["images"] = np.zeros((b, s, *grid, self.spec.image_channels), self.spec.image_dtype)
     batch["image_mask"] = np.zeros((b, s), bool)
     batch["record_index"] = np.full((b, p, 2), -1, np.int64)
     for k in ("example_mask", "closed", "image_dependent"):

@@ -37,6 +37,7 @@ CT_WINDOWS = {  # name: (center, width) in HU
     "mediastinum": (50.0, 350.0), "liver": (60.0, 160.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0),
 }
 _METHODS = ("nearest", "linear", "cubic")
+IMAGE_DTYPES = ("float32", "uint16", "uint8")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 (PIL "L"): RGB -> gray for C_host = 1
 
 
@@ -53,6 +54,11 @@ class ImageSpec:
   crop_scale: tuple[float, float] = (0.8, 1.0)   # train-time random resized crop, area fraction
   crop_3d: bool = False                          # RadFM crops 2D images only
   image_channels: int = 1                        # C_host: 1 gray (model replicates on device) or 3
+  image_dtype: str = "float32"                   # host/transport dtype: float32 in [0, 1], or uint16 /
+  #                                                uint8 holding round(x * max): half / a quarter of the
+  #                                                bytes through Grain workers and host->device; the model
+  #                                                divides by the max on device (uint16's step 1.5e-5 is
+  #                                                finer than bf16 resolves; uint8 is lossy)
 
   def __post_init__(self):
     if not self.depth_buckets or sorted(self.depth_buckets) != list(self.depth_buckets):
@@ -61,6 +67,8 @@ class ImageSpec:
       if getattr(self, name) not in _METHODS:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {_METHODS}")
     _window(self.intensity)  # validates
+    if self.image_dtype not in IMAGE_DTYPES:
+      raise ValueError(f"image_dtype={self.image_dtype!r}: expected one of {IMAGE_DTYPES}")
     if self.image_channels not in (1, 3):
       raise ValueError(f"image_channels={self.image_channels!r}: expected 1 (gray, replicated on device) or 3")
 
@@ -196,9 +204,10 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float
 def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: ImageSpec,
                   grid: Sequence[int], *, rng: np.random.Generator | None = None,
                   name: str = "volume", out: np.ndarray | None = None) -> np.ndarray:
-  """One stored volume [H, W, D, C] -> float32 [*grid, spec.image_channels] in [0, 1]. `rng` only in training.
+  """One stored volume [H, W, D, C] -> float32 [*grid, spec.image_channels] in [0, 1] (or
+  spec.image_dtype uint16/uint8: round(x * max)). `rng` only in training.
 
-  `out` (float32 [*grid, spec.image_channels], e.g. a row of a batch) is written in place and returned.
+  `out` ([*grid, spec.image_channels] of spec.image_dtype, e.g. a row of a batch) is written in place.
   """
   vol = np.asarray(volume)
   if vol.ndim != 4 or vol.size == 0:
@@ -224,10 +233,13 @@ def prepare_image(volume: np.ndarray, meta: Mapping[str, Any] | None, spec: Imag
   c = spec.image_channels
   if c == 1 and x.shape[3] == 3:  # real colour -> gray (a convex combination: stays in [0, 1])
     x = x @ _LUMA[:, None]
+  dtype = np.dtype(spec.image_dtype)
   if out is None:
-    out = np.empty((h, w, d, c), np.float32)
-  elif out.shape != (h, w, d, c) or out.dtype != np.float32:
-    raise ValueError(f"{name}: out buffer {out.shape} {out.dtype}, expected {(h, w, d, c)} float32")
+    out = np.empty((h, w, d, c), dtype)
+  elif out.shape != (h, w, d, c) or out.dtype != dtype:
+    raise ValueError(f"{name}: out buffer {out.shape} {out.dtype}, expected {(h, w, d, c)} {dtype}")
+  if dtype != np.float32:  # quantise at the output grid (before the depth broadcast of 2D images)
+    x = np.rint(x * np.float32(np.iinfo(dtype).max)).astype(dtype)
   out[...] = x  # broadcasts a 2D image along depth (and gray to 3 channels when C_host = 3)
   return out
 
@@ -245,7 +257,7 @@ def prepare_sample(volumes: Sequence[np.ndarray], metas: Sequence[Mapping[str, A
     grid = sample_grid([v.shape for v in volumes], metas, spec)
   names = names or [f"image {i}" for i in range(len(volumes))]
   if out is None:
-    out = np.empty((len(volumes), *grid, spec.image_channels), np.float32)
+    out = np.empty((len(volumes), *grid, spec.image_channels), spec.image_dtype)
   for i, (vol, meta) in enumerate(zip(volumes, metas)):
     prepare_image(vol, meta, spec, grid, rng=rng, name=names[i], out=out[i])
   return out

@@ -5,6 +5,8 @@ Masking rule (both modes): query i attends key j iff slot(j) <= slot(i) and segm
 Training/packing: slots are 0..T-1 and segments are `segment_ids` (0 = padding); positions (RoPE) are
 given by the caller and restart per segment. Decoding: a `KVCache` holds keys/values for S slots plus
 the segment id of each slot (0 = never written / padding); new tokens are written at `cache.index`.
+Both go through `models.attention.attention` (causal flag + segment ids + cache offset; no [B, T, T]
+mask is ever built outside the attention call), whose backend is `cfg.attention` ("auto" by default).
 
 Parameter tree (L = lm.layers, E = lm.hidden, H = heads, K = kv_heads, k = head_dim, M = lm.mlp,
 V = vocab_size):
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radfm_jax.models import attention as attn_lib
 from radfm_jax.models import layers
 from radfm_jax.sharding import constrain
 
@@ -74,23 +77,27 @@ class LlamaBlock(nnx.Module):
     self.up = layers.Dense(c.hidden, c.mlp, axes=("embed", "mlp"), **kw)
     self.down = layers.Dense(c.mlp, c.hidden, axes=("mlp", "embed"), **kw)
     self.theta, self.dtype = c.rope_theta, cfg.dtype
+    self.impl = cfg.get("attention", "auto")
 
   def project(self, x, positions):
     """Attention inputs: q [B, T, H, k], k/v [B, T, K, k] (RoPE applied to q and k)."""
     a = self.attn_norm(x)
     return rope(self.q(a), positions, self.theta), rope(self.k(a), positions, self.theta), self.v(a)
 
-  def finish(self, x, q, keys, values, mask):
-    """Attention over keys/values [B, S, K, k] with mask [B, T, S], output projection, SwiGLU MLP."""
-    x = x + self.o(layers.attention(q, keys, values, mask, self.dtype))
+  def finish(self, x, q, keys, values, q_segment_ids, kv_segment_ids, q_offset=None):
+    """Causal attention over keys/values [B, S, K, k] (segment ids [B, T] / [B, S] or None; q_offset:
+    the queries' first cache slot when decoding), output projection, SwiGLU MLP."""
+    x = x + self.o(attn_lib.attention(q, keys, values, causal=True, q_segment_ids=q_segment_ids,
+                                      kv_segment_ids=kv_segment_ids, q_offset=q_offset, dtype=self.dtype,
+                                      implementation=self.impl))
     m = self.mlp_norm(x)
     x = x + self.down(jax.nn.silu(self.gate(m).astype(jnp.float32)).astype(m.dtype) * self.up(m))
     return constrain(x, ACT)
 
-  def __call__(self, x, positions, mask):
-    """Self-attention block over x [B, T, E] with mask [B, T, T]."""
+  def __call__(self, x, positions, segment_ids):
+    """Causal self-attention block over x [B, T, E]; segment_ids [B, T] (packing) or None."""
     q, k, v = self.project(x, positions)
-    return self.finish(x, q, k, v, mask)
+    return self.finish(x, q, k, v, segment_ids, segment_ids)
 
 
 class Llama(nnx.Module):
@@ -116,28 +123,34 @@ class Llama(nnx.Module):
 
   def embed(self, ids: jax.Array) -> jax.Array:
     """Text embedding rows (ids are clipped into range; validate ids on the host beforehand)."""
-    return jnp.take(self.embed_tokens[...], jnp.clip(ids, 0, self.vocab_size - 1), axis=0).astype(self.dtype)
+    # Under a mesh context the table's embed dim is gathered over fsdp first (FSDP's per-use weight
+    # gather; vocab stays split over tensor) so the rows come out batch-sharded: gathering straight from
+    # the (vocab, embed)-sharded table made XLA replicate the [B, T, E] result to move fsdp from its
+    # embed dim to its batch dim ("involuntary full rematerialization" on a (2, 2, 2) mesh).
+    table = constrain(self.embed_tokens[...], ("vocab", None))
+    x = jnp.take(table, jnp.clip(ids, 0, self.vocab_size - 1), axis=0).astype(self.dtype)
+    return constrain(x, ACT)
 
-  def _head(self, x: jax.Array) -> jax.Array:
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final norm + head: hidden [B, T, E] (as `__call__(..., head=False)` returns) -> [B, T, V] float32."""
     return constrain(self.lm_head(self.final_norm(x), out_dtype=jnp.float32), ("batch", "length", "vocab"))
 
   def __call__(self, inputs: jax.Array | None = None, *, embeds: jax.Array | None = None,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Full-sequence forward. inputs [B, T] ids or embeds [B, T, E]; returns logits [B, T, V] float32.
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               head: bool = True) -> jax.Array:
+    """Full-sequence forward. inputs [B, T] ids or embeds [B, T, E]; returns logits [B, T, V] float32,
+    or with `head=False` the last block's hidden states [B, T, E] (for `models.loss`, which applies
+    `logits` in sequence chunks so [B, T, V] never exists whole).
 
-    positions default to 0..T-1 and segment_ids to all ones (one unpadded sequence per row).
+    positions default to 0..T-1; segment_ids None means one unpadded sequence per row.
     """
     x = self.embed(inputs) if embeds is None else embeds.astype(self.dtype)
     b, t = x.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-    slots = jnp.arange(t)
-    mask = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, mask), None),
+    x, _ = layers.scan_blocks(self.blocks, lambda blk, h, _: (blk(h, positions, segment_ids), None),
                               constrain(x, ACT), remat=self.remat, scan=self.scan)
-    return self._head(x)
+    return self.logits(x) if head else x
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     c = self.cfg.lm
@@ -153,10 +166,8 @@ class Llama(nnx.Module):
     segment_ids [B, T] of the new tokens (0 = padding, e.g. left-padded prompt slots).
     """
     t = embeds.shape[1]
-    seg = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids.astype(jnp.int32), cache.index, 1)
-    k_slot = jnp.arange(seg.shape[1])
-    q_slot = cache.index + jnp.arange(t)
-    mask = (k_slot[None, :] <= q_slot[:, None])[None] & (segment_ids[:, :, None] == seg[:, None, :])
+    segment_ids = segment_ids.astype(jnp.int32)
+    seg = jax.lax.dynamic_update_slice_in_dim(cache.segment, segment_ids, cache.index, 1)
 
     # The whole cache rides in the scan carry; the new tokens are written first and the layer's slice
     # read after, so XLA updates the cache in place.
@@ -167,9 +178,10 @@ class Llama(nnx.Module):
       ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
       cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
       h = blk.finish(h, q, jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False),
-                     jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False), mask)
+                     jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False), segment_ids, seg,
+                     cache.index)
       return (h, ck, cv), None
 
     (x, k, v), _ = layers.scan_blocks(self.blocks, body, (embeds.astype(self.dtype), cache.k, cache.v),
                                       jnp.arange(cache.k.shape[0]), remat="none", scan=self.scan)
-    return self._head(x), KVCache(k, v, seg, cache.index + t)
+    return self.logits(x), KVCache(k, v, seg, cache.index + t)

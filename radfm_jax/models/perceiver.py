@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from radfm_jax.models import attention as attn_lib
 from radfm_jax.models import layers
 
 
@@ -45,11 +46,13 @@ class PerceiverBlock(nnx.Module):
     self.ff_in = layers.Dense(dim, dim * r.ff_mult, axes=("embed", "mlp"), use_bias=False, **kw)
     self.ff_out = layers.Dense(dim * r.ff_mult, dim, axes=("mlp", "embed"), use_bias=False, **kw)
     self.dtype = cfg.dtype
+    self.impl = cfg.get("attention", "auto")
 
   def __call__(self, media: jax.Array, latents: jax.Array) -> jax.Array:
     m, lat = self.norm_media(media), self.norm_latents(latents)
     kv_in = jnp.concatenate([m, lat], axis=1)
-    latents = latents + self.o(layers.attention(self.q(lat), self.k(kv_in), self.v(kv_in), None, self.dtype))
+    latents = latents + self.o(attn_lib.attention(self.q(lat), self.k(kv_in), self.v(kv_in), dtype=self.dtype,
+                                              implementation=self.impl))
     return latents + self.ff_out(jax.nn.gelu(self.ff_in(self.ff_norm(latents)), approximate=False))
 
 

@@ -5,7 +5,8 @@ with K = slot * tokens_per_image + j (slot < cfg.max_images). Rows for V, V+1 co
 `image_marker_embed` [2, hidden]; rows for `<imageK>` are gathered from the projected resampler
 outputs of image slot K // tokens_per_image. Logits cover the text vocabulary only.
 
-Images are channels-last [B, S, H, W, D, C] in [0, 1] with `image_mask [B, S]` marking used slots
+Images are channels-last [B, S, H, W, D, C] in [0, 1] (float, or uint16/uint8 holding round(x * max),
+the input pipeline's compact transport, scaled on device) with `image_mask [B, S]` marking used slots
 (unused slots are computed but their tokens are zeroed; referencing them is an error when checked).
 C = cfg.vision.channels, or C = 1 (gray, as the input pipeline sends it): replicated on device.
 
@@ -104,6 +105,8 @@ class RadFM(nnx.Module):
     if images.ndim != 6:
       raise ValueError(f"images must be [B, S, H, W, D, C] (2D images as depth-{cfg.vision.patch_d} "
                        f"volumes), got shape {images.shape}")
+    if jnp.issubdtype(images.dtype, jnp.integer):  # the pipeline's uint16/uint8 transport: round(x * max)
+      images = images.astype(jnp.float32) * (1.0 / jnp.iinfo(images.dtype).max)
     if images.shape[-1] == 1 and cfg.vision.channels != 1:
       images = jnp.broadcast_to(images, images.shape[:-1] + (cfg.vision.channels,))
     b, s = images.shape[:2]
@@ -125,8 +128,11 @@ class RadFM(nnx.Module):
     cfg = self.cfg
     v = cfg.vocab_size
     x = self.lm.embed(inputs)
-    marker = jnp.take(self.image_marker_embed[...].astype(self.dtype), jnp.clip(inputs - v, 0, 1), axis=0)
-    x = jnp.where(((inputs == v) | (inputs == v + 1))[..., None], marker, x)
+    # Two marker rows by selects, not a gather: gathering from the [2, hidden] table (hidden over fsdp)
+    # made XLA replicate the [B, T, hidden] result ("involuntary full rematerialization").
+    rows = self.image_marker_embed[...].astype(self.dtype)
+    x = jnp.where((inputs == v)[..., None], rows[0], x)
+    x = jnp.where((inputs == v + 1)[..., None], rows[1], x)
     if image_embeds is not None:
       b, s, n, h = image_embeds.shape
       flat = image_embeds.reshape(b, s * n, h).astype(self.dtype)
@@ -137,7 +143,10 @@ class RadFM(nnx.Module):
 
   def __call__(self, inputs: jax.Array, images: jax.Array | None = None,
                image_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None,
+               head: bool = True) -> jax.Array:
+    """Logits [B, T, vocab_size] float32; `head=False`: the LM's last hidden states [B, T, hidden]
+    (feed them to `models.loss` with `self.lm`, which never builds the full logits)."""
     cfg = self.cfg
     if inputs.ndim != 2:
       raise ValueError(f"inputs must be [B, T] token ids, got shape {inputs.shape}")
@@ -152,7 +161,8 @@ class RadFM(nnx.Module):
       check_token_ids(cfg, inputs, image_mask)
     image_embeds = (None if images is None
                     else self.encode_images(images, image_mask, dropout_key=dropout_key))
-    return self.lm(embeds=self.embed(inputs, image_embeds), positions=positions, segment_ids=segment_ids)
+    return self.lm(embeds=self.embed(inputs, image_embeds), positions=positions, segment_ids=segment_ids,
+                   head=head)
 
 
 def loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict]:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from radfm_jax.models import attention as attn_lib
 from radfm_jax.models import layers
 from radfm_jax.sharding import constrain
 
@@ -72,13 +73,15 @@ class ViTBlock(nnx.Module):
     self.fc2 = layers.Dense(v.mlp_dim, v.dim, axes=("mlp", "embed"), use_bias=True, **kw)
     self.dropout = nnx.Dropout(float(v.get("dropout", 0.0)))  # no rngs: the key comes with each call
     self.dtype = cfg.dtype
+    self.impl = cfg.get("attention", "auto")
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """One block; `dropout_key` (a single key) turns dropout on, None runs deterministic."""
     keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
     drop = lambda h, k: self.dropout(h, deterministic=k is None, rngs=k)
     a = self.attn_norm(x)
-    x = x + drop(self.o(layers.attention(self.q(a), self.k(a), self.v(a), None, self.dtype)), keys[0])
+    o = attn_lib.attention(self.q(a), self.k(a), self.v(a), dtype=self.dtype, implementation=self.impl)
+    x = x + drop(self.o(o), keys[0])
     m = self.mlp_norm(x)
     h = drop(jax.nn.gelu(self.fc1(m), approximate=False), keys[1])
     return constrain(x + drop(self.fc2(h), keys[2]), ACT)

@@ -21,7 +21,7 @@ import optax
 
 from radfm_jax import sharding
 from radfm_jax.data import pipeline
-from radfm_jax.models import radfm
+from radfm_jax.models import loss as loss_lib
 from radfm_jax.training import optim
 from radfm_jax.training import state as train_state
 
@@ -48,12 +48,15 @@ def dropout_key(seed: int, step: jax.Array | int, microbatch: jax.Array | int = 
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), microbatch)
 
 
-def _forward(layout: train_state.Layout, params, frozen, batch: Batch,
-             key: jax.Array | None = None) -> jax.Array:
-  """Logits; dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training)."""
+def _hidden(layout: train_state.Layout, params, frozen, batch: Batch,
+            key: jax.Array | None = None) -> tuple[jax.Array, Any]:
+  """(LM hidden states [B, T, E], the LM) for the chunked loss (models/loss.py: the [B, T, V] logits
+  never exist whole); dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training)."""
   model = layout.model(params, frozen)
-  return model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
-               positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key)
+  hidden = model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
+                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key,
+                 head=False)
+  return hidden, getattr(model, "lm", model)
 
 
 def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
@@ -69,8 +72,8 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
   lr_schedule = optim.schedule(cfg.optim, cfg.total_steps)
 
   def loss_sum(params, frozen, mb, key):
-    logits = _forward(layout, params, frozen, mb, key)
-    loss, aux = radfm.loss(logits, mb["targets"], mb["loss_mask"])
+    hidden, lm = _hidden(layout, params, frozen, mb, key)
+    loss, aux = loss_lib.lm_loss(lm, hidden, mb["targets"], mb["loss_mask"])
     n = aux["tokens"].astype(jnp.float32)
     return loss * n, {"correct": aux["accuracy"] * n}
 
@@ -151,12 +154,10 @@ def example_scores(layout: train_state.Layout, cfg: ml_collections.ConfigDict, s
   """Per row: answer-token NLL sum and count, and `exact`: every answer token is the argmax, i.e. greedy
   decoding reproduces the answer (closed-question accuracy without generation)."""
   vocab = cfg.model.vocab_size
-  logits = _forward(layout, state["params"], state["frozen"], batch).astype(jnp.float32)
+  hidden, lm = _hidden(layout, state["params"], state["frozen"], batch)
   valid = _valid_tokens(batch, vocab)
-  tgt = jnp.clip(batch["targets"], 0, vocab - 1)
-  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tgt[..., None], -1)[..., 0]
-  return {"nll": jnp.where(valid, nll, 0.0).sum(-1), "tokens": valid.sum(-1),
-          "exact": ~(valid & (logits.argmax(-1) != tgt)).any(-1) & valid.any(-1)}
+  nll, correct = loss_lib.token_scores(lm, hidden, batch["targets"], valid)
+  return {"nll": nll.sum(-1), "tokens": valid.sum(-1), "exact": ~(valid & ~correct).any(-1) & valid.any(-1)}
 
 
 def make_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
