@@ -4,7 +4,8 @@ Sections: logging -> mesh -> data -> model + sharding -> restore -> update step 
 -> loop -> cleanup. The run resumes by itself from the latest complete checkpoint in the workdir (same
 data, same losses). Top-level config keys read here: seed, total_steps, log_every, checkpoint_every,
 keep_checkpoints, eval_every, eval_batches, microbatches, nonfinite_limit, init_from, init_required,
-profile_steps, profile_first, optim.*, model.*, mesh.*, data.* (defaults: configs/common_train.py).
+profile_steps, profile_first, compilation_cache (JAX's persistent cache: path | "auto" | ""), optim.*,
+model.*, mesh.*, data.* (defaults: configs/common_train.py).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from radfm_jax.training import checkpoints as checkpoint_manager
 from radfm_jax.training import data as train_data
 from radfm_jax.training import metrics as metrics_lib
 from radfm_jax.training import state as train_state
-from radfm_jax.training.step import (Batch, NonFiniteError, evaluate, jit_step, make_eval_step,
-                                     make_train_step, to_global)
+from radfm_jax.training.step import (Batch, NonFiniteError, check_config, evaluate, jit_eval_step,
+                                     jit_step, make_train_step, to_global)
 
 
 # ====================================================================================================
@@ -39,10 +40,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
 
+  enable_compilation_cache(cfg.get("compilation_cache", "auto"), workdir)
+
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(cfg.mesh)
   logging.info("Mesh %s", dict(mesh.shape))
-  _check_config(cfg, mesh)
+  check_config(cfg, mesh)
 
   # ------------------------------------------------------------------------------------------- data
   data = train_data.TrainData(cfg)
@@ -92,7 +95,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   preemption = checkpoint_manager.Preemption()  # SIGTERM -> checkpoint at the end of the step, exit
 
   # ------------------------------------------------------------------------------------------ evals
-  eval_fn = jax.jit(make_eval_step(layout, cfg), out_shardings=sharding.replicated(mesh))
+  eval_fn = jit_eval_step(layout, cfg)
 
   def run_eval(step):
     if not data.has_eval:
@@ -202,17 +205,19 @@ def _batch_flops(cfg, batch: Batch, towers: Mapping[str, bool]) -> float:
   return metrics_lib.train_flops(cfg.model, batch=b, seq_len=t, image_shape=shape, trainable=towers)
 
 
-def _check_config(cfg: ml_collections.ConfigDict, mesh) -> None:
-  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "optim", "model", "mesh", "data"):
-    if key not in cfg:
-      raise ValueError(f"config has no top-level `{key}` (see configs/common_train.py)")
-  n_micro = int(cfg.get("microbatches", 1))
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for name in ("batch_size", "batch_size_3d"):
-    b = int(cfg.data.get(name) or cfg.data.batch_size)
-    if n_micro < 1 or b % n_micro or (b // n_micro) % shards:
-      raise ValueError(f"data.{name}={b} must split into microbatches={n_micro} microbatches whose size "
-                       f"is a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+def enable_compilation_cache(setting: str, workdir: str) -> str | None:
+  """JAX's persistent compilation cache, so a restarted pod job does not recompile: `setting` is a
+  path, "auto" (WORKDIR/compile_cache on TPU/GPU; off on CPU, where compiles are cheap) or "" (off).
+  The first setting in a process wins (JAX reads it once). Returns the directory in use, or None."""
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if setting == "auto":
+    setting = "" if jax.default_backend() == "cpu" else os.path.join(workdir, "compile_cache")
+  if setting:
+    jax.config.update("jax_compilation_cache_dir", setting)
+    logging.info("Persistent compilation cache: %s", setting)
+  return setting or None
 
 
 class _LibraryInfoFilter(logging.Filter):
