@@ -77,8 +77,8 @@ def test_tiny_compiles_for_v6e_through_the_cli(tmp_path):
   """The planner CLI on a v6e slice: exit status 0, plan.json with the launcher's fields."""
   env = dict(os.environ, PYTHONPATH=REPO)
   res = subprocess.run([sys.executable, "-m", "radfm_jax.aot", "--config=configs/tiny.py", "--topology=v6e-8",
-                        "--programs=train", f"--out={tmp_path}"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+                        "--programs=train", "--groups=0", f"--out={tmp_path}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=1200)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "| train/2d_s4_t128 | yes |" in res.stdout
   plan = json.load(open(tmp_path / "plan.json"))
@@ -113,8 +113,9 @@ def test_oom_is_reported_with_the_compilers_top_buffers(v5p):
 
 def test_search_finds_a_fit_with_headroom(v5p):
   topo, devs = v5p
-  res = planner.search(tiny.get_config(), topo, devs, max_compiles=2, want=1, remats=("none",), tensors=(1,),
-                       log=lambda *_: None)
+  cfg = tiny.get_config()
+  res = planner.search(cfg, topo, devs, max_compiles=2, want=1, remats=("none",), tensors=(1,),
+                       buckets=train_data.buckets(cfg, largest_only=True)[:1], log=lambda *_: None)
   assert res["fits"] and res["compiles"] == 1
   best = res["fits"][0]
   assert best["headroom"] >= 0.10 and best["data"] * best["fsdp"] * best["tensor"] == 4

@@ -174,9 +174,9 @@ def _dominated(s: dict[str, Any], failures: list[dict[str, Any]]) -> bool:
 
 def search(cfg: ml_collections.ConfigDict, topo: topology_lib.Topology, devices: Sequence[Any], *,
            max_compiles: int = 12, want: int = 3, remats: Sequence[str] = REMATS,
-           tensors: Sequence[int] = (1, 2, 4, 8), log=print) -> dict[str, Any]:
-  """Settings that fit with >= 10% headroom (train programs at the largest buckets), best predicted
-  step time first, within `max_compiles` compiles; stops after `want` fits."""
+           tensors: Sequence[int] = (1, 2, 4, 8), buckets=None, log=print) -> dict[str, Any]:
+  """Settings that fit with >= 10% headroom (train programs at the largest buckets, or `buckets`), best
+  predicted step time first, within `max_compiles` compiles; stops after `want` fits."""
   tried, fits, failures = [], [], []
   compiles = 0
   for s in candidates(cfg, topo.chips, remats=remats, tensors=tensors):
@@ -198,7 +198,7 @@ def search(cfg: ml_collections.ConfigDict, topo: topology_lib.Topology, devices:
       continue
     compiles += 1
     log(f"search: compiling {overrides(s)}")
-    res = plan(c, topo, devices, kinds=("train",))
+    res = plan(c, topo, devices, kinds=("train",), buckets=buckets)
     worst = max((r.get("per_chip_bytes") or 0) for r in res["programs"])
     step = sum(r.get("step_s_at_peak", 0.0) for r in res["programs"])
     ok = res["fits"] and topo.hbm_bytes and worst <= (1 - HEADROOM) * topo.hbm_bytes
