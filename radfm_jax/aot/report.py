@@ -88,6 +88,10 @@ def search_markdown(res: dict[str, Any], config_name: str = "") -> str:
   return "\n".join(lines)
 
 
+def _days(d) -> str:
+  return "-" if d is None else f"{d:.1f}" if d >= 1 else f"{d:.2f}"
+
+
 def merge_plans(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """Plans of the same config, topology and setting merged program by program, compiled results
   winning over --nocompile ones (e.g. one run compiling the 2D bucket, one giving every bucket's times)."""
@@ -103,7 +107,7 @@ def merge_plans(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
       if old is None or (old.get("fits") is None and r.get("fits") is not None):
         by_name[r["name"]] = r
     cur["programs"] = list(by_name.values())
-    if res.get("epoch"):
+    if res.get("epoch") and not (cur.get("epoch") or {}).get("days_at_40_mfu"):
       cur["epoch"] = res["epoch"]
     fits = [r.get("fits") for r in cur["programs"]]
     cur["fits"] = False if False in fits else None if None in fits else True
@@ -138,5 +142,5 @@ def scale_table(plans: list[dict[str, Any]]) -> str:
     lines.append(
         f"| {os.path.basename(str(res.get('config', '')))} | {t['name']} | {t['chips']} ({t['hosts']}) | {fits} | "
         f"{_g(worst)} | {m['data']}x{m['fsdp']}x{m['tensor']}, {res['microbatches']}, {res['remat']} | "
-        f"{_t(steps.get('2d'))} / {_t(steps.get('3d'))} | {'-' if days is None else f'{days:.1f}'} |")
+        f"{_t(steps.get('2d'))} / {_t(steps.get('3d'))} | {_days(days)} |")
   return "\n".join(lines)
