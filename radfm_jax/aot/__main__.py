@@ -118,7 +118,7 @@ def run() -> None:
   """Console entry point: CPU-only JAX unless planning for this machine's devices, flags, `main`."""
   # Compiling for a topology needs no accelerator: libtpu only compiles (set before JAX's backends start).
   if not any(a.startswith("--topology=local") for a in sys.argv):
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
   define_flags()
   app.run(main)
 
