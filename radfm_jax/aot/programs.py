@@ -1,10 +1,10 @@
 """The exact programs a run compiles, built by the functions the run itself uses, ready to lower.
 
-Train step: `train_state.make_layout` + `train.make_train_step` + `train.jit_step` on
-`train.abstract_batch` of each data bucket (`train_data.buckets`); eval step: `train.jit_eval_step` on
-the same buckets with eval labels; generation: `generate.lower` (prefill + decode loop, greedy) at the
-eval batch of the bucket's image group. Nothing here re-implements a step: a change to the run changes
-what is planned.
+Train step: `training.state.make_layout` + `training.step.make_train_step` + `jit_step` on
+`training.step.abstract_batch` of each data bucket (`training.data.buckets`); eval step:
+`training.step.jit_eval_step` on the same buckets with eval labels; generation:
+`inference.decoding.lower` (prefill + decode loop, greedy) at the eval batch of the bucket's image group.
+Nothing here re-implements a step: a change to the run changes what is planned.
 """
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def build(cfg: ml_collections.ConfigDict, mesh, *, kinds: Sequence[str] = KINDS,
 
 def _generate_program(cfg, mesh, bucket: train_data.Bucket, max_new_tokens: int) -> Program:
   """Generation as `generate` runs it on a checkpoint loaded onto `mesh` (parameters in the model's
-  param_dtype, sharded by the rules), at `batch_generate`'s row count for the bucket's batch size."""
+  param_dtype, sharded by the rules), at `inference.batching`'s row count for the bucket's batch size."""
   shapes = batching.shapes_for(cfg.data, cfg.model, max_new_tokens)
   rows = batching.rows_per_batch(bucket.rows, mesh)
   plen = shapes.len_buckets[-1]
-  graphdef, abstract = nnx.split(sharding.abstract_sharded(lambda: models.get(models.DEFAULT)(cfg.model, rngs=nnx.Rngs(0)),
-                                                           mesh))
+  model_cls = models.get(models.DEFAULT)
+  graphdef, abstract = nnx.split(sharding.abstract_sharded(lambda: model_cls(cfg.model, rngs=nnx.Rngs(0)), mesh))
   channels = int(cfg.data.get("image_channels", 1))
 
   def lower():
