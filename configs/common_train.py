@@ -26,6 +26,8 @@ def add_train_config(c: ml_collections.ConfigDict, *, optim_overrides=None, **ov
   c.profile_steps = 0         # >0: profile this many steps (TensorBoard trace in the workdir)
   c.profile_first = 5         # ... starting this many steps after the (re)start
   c.tensorboard_dir = ""       # TensorBoard events ("" = the workdir; local or gs://)
+  c.compilation_cache = "auto"  # JAX persistent compilation cache: a path, "auto" (WORKDIR/compile_cache
+                                # on TPU/GPU, off on CPU) or "" (off); a restarted job skips recompiling
   c.optim = optim.default_config()
   for k, v in (optim_overrides or {}).items():
     c.optim[k] = v

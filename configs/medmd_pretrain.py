@@ -13,9 +13,18 @@ at STORES_ROOT/tokenizer.model. Launch one process per host (TPU pod slices need
 Schedule (our choice; RadFM's release does not fix one): 60k steps x 256 samples (~1 pass over MedMD's
 ~16M samples), AdamW lr 5e-5 (13B) / 1e-4 (1B), 2k warmup, cosine to 10%, clip 1.0.
 
-Expected runtime (analytic FLOPs at 40% MFU, average text bucket 1024; not measured here, no
-accelerator): 13B 20.6 PFLOP/step -> ~0.9 s/step, ~15 h on v5p-256 (128 chips); ~1.2B 1.7 PFLOP/step ->
-~6 h on v5e-64 or ~9 h on 8 x H100. The log line reports the measured MFU per step.
+Where it runs (python -m radfm_jax.aot --config=configs/medmd_pretrain.py:SIZE --topology=T; README "Scale"):
+  13b on v5p-128 (64 chips, 16 hosts), mesh fsdp=64, microbatches 1, remat full: train state 2.3 GiB/chip;
+    the 2D step (256 x 2048 tokens, 10 images 512x512x4) passed the TPU compiler's HBM assignment with a
+    memory-scheduler peak of 13.2 GiB of 95 (codegen did not finish within 50 min on the shared 2-core box).
+    Step at 40% MFU: 3.58 s (2D) / 0.92 s (3D, 64 x 10 volumes 256x256x64); one MedMD epoch (16M samples,
+    20% 3D, every batch at its largest bucket: an upper bound) 2.6 days.
+  1b on v5p-8 (4 chips, one host), mesh fsdp=4, microbatches 8 (the default for 1b), remat dots: 2D step
+    compiled: 45.5 GiB per chip of 95 (52% free; 1 GiB = 2**30 B), 44 min compile here. Step at 40% MFU
+    5.25 s / 1.66 s; epoch <= 4.0 days. With microbatches 1 the 2D step needs 210 GiB per chip.
+  Bigger slices: fewer microbatches (data x fsdp x microbatches must divide the 3D batch of 64) and, past 64
+  chips, tensor parallelism (--config.mesh.fsdp=64 --config.mesh.tensor=2|4): the README table.
+
 Expected result: the training loss falls steadily from the LLaMA initialisation; validation loss and
 closed-question accuracy are logged every 2k steps. Not measured here: no MedMD stores or accelerator in
 this environment. Stage 2 (configs/radmd_finetune.py) starts from this run's export:

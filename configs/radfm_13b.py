@@ -3,12 +3,16 @@
   python -m radfm_jax.convert --from=radfm-torch --src=pytorch_model.bin --config=configs/radfm_13b.py --dst=CKPT
   python -m radfm_jax.generate --checkpoint=CKPT --token_ids=1,17,42 --max_new_tokens=24
 
+Model-only: this config has no optimizer, data or schedule, so `radfm_jax.train` rejects it; train with
+the stage configs, which use this model (configs/medmd_pretrain.py:13b, configs/radmd_finetune.py:13b).
 Sizes follow ../shared/radfm_reference.md section 2. bf16 compute, fp32 params (the release is fp32;
 convert with a dtype option to store bf16). Mesh: fsdp over all devices by default (13B fp32 = 52 GB of
 params; tensor parallelism by --config.mesh.tensor=N).
 Same structure as configs/tiny.py: model_config() + get_config(arg).
 """
 import ml_collections
+
+from configs import common_data
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -38,4 +42,5 @@ def get_config(arg=None):
   c.seed = 0
   c.model = model_config()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.data = common_data.data_config()  # RadFM's input shapes: what generation (and its AOT plan) pads to
   return c

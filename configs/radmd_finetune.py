@@ -10,9 +10,10 @@ r"""Stage 2: fine-tune RadFM on the radiology-only RadMD mixture (configs/mixes.
 Schedule (our choice): 10k steps x 256 samples (~1 pass over RadMD's ~3M samples at the mixture
 weights), AdamW lr 2e-5 (13B) / 5e-5 (1B), 500 warmup, cosine to 10%.
 
-Expected runtime (analytic FLOPs at 40% MFU; not measured here): 13B ~2.4 h on v5p-256, ~18 h on
-8 x H100; ~1.2B ~1 h on v5e-64. With the LM frozen its matmuls count once instead of three times
-(13B: ~2.9x fewer FLOPs per step).
+Where it runs: the same programs as stage 1 (same batch shapes, everything trains), so the same plans
+(configs/medmd_pretrain.py docstring, README "Scale"): 13b on v5p-128 with microbatches 1, 1b on v5p-8 /
+v6e-8 with microbatches 8. With the LM frozen its matmuls count once instead of three times (13B: ~2.9x
+fewer FLOPs per step) and it holds no Adam state: plan it with --config.optim.freeze='("^lm/",)'.
 Expected result: lower validation loss on radiology text than stage 1 and better RadBench scores
 (python -m eval.radbench --checkpoint=EXPORT --store=... --split=test). Not measured here.
 """

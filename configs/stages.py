@@ -11,6 +11,10 @@ from configs import radfm_13b
 from configs import radfm_1b
 
 MODELS = {"13b": radfm_13b.model_config, "1b": radfm_1b.model_config}
+# Gradient accumulation for each size's documented slice (planner figures in the stage docstrings and
+# the README's Scale table): 13B on v5p-128 (64 chips) runs the global batch at once; ~1.2B on v5p-8 /
+# v6e-8 (one host) needs 8 microbatches. Other slices: the README table's --config overrides.
+MICROBATCHES = {"13b": 1, "1b": 8}
 DEFAULT_ROOT = "/data/radfm_stores"
 
 
@@ -37,4 +41,5 @@ def stage_config(arg, mix_fn, *, steps: int, lr: dict, warmup: int, init_require
       eval_batches=50, optim_overrides=dict(lr=lr[size], warmup_steps=warmup, end_lr_ratio=0.1,
                                             weight_decay=0.0, b2=0.95, clip_norm=1.0))
   c.init_required = init_required
+  c.microbatches = MICROBATCHES[size]
   return c

@@ -7,7 +7,11 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from radfm_jax import models, sharding
+from radfm_jax.inference import decoding
 from radfm_jax.models.radfm import RadFM, image_token_id
+from radfm_jax.training import data as train_data
+from radfm_jax.training import state as train_state
+from radfm_jax.training import step as train
 
 CFG = tiny.model_config()
 
@@ -133,3 +137,70 @@ def test_abstract_sharded(mesh):
   leaf = model.lm.blocks.q.kernel.get_value()
   assert isinstance(leaf, jax.ShapeDtypeStruct)
   assert leaf.sharding.spec == P(None, "fsdp", "tensor", None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Non-divisible axes, advice, and the activation constraints being on in every program a run traces.
+# ------------------------------------------------------------------------------------------------------
+def test_non_divisible_parameter_axis_is_an_error_naming_parameter_and_axis():
+  abstract = nnx.state(nnx.eval_shape(lambda: RadFM(CFG, rngs=nnx.Rngs(0))))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=8))  # tiny: 4 LM heads, 2 vision heads
+  with pytest.raises(ValueError, match=r"parameter lm/blocks/k/kernel: dim 2 \('kv_heads' = 2\) is not divisible "
+                                       r"by mesh axis tensor of size 8 .*tensor divides 2"):
+    sharding.state_shardings(abstract, mesh)
+  with pytest.raises(ValueError, match="parameter lm/embed_tokens: dim 1 \\('embed' = 64\\) .* fsdp"):
+    sharding.spec_for(("vocab", "embed"), (512, 64), _FakeMesh(fsdp=3), what="lm/embed_tokens")
+  assert sharding.spec_for(("batch", "mlp"), (6, 64), _FakeMesh(data=4)) == P(None, "tensor")  # activations: replicated
+
+
+class _FakeMesh:
+  """Only `.shape` is read by spec_for: a 3-way fsdp axis without needing 3 devices."""
+
+  def __init__(self, **sizes):
+    self.shape = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
+
+
+def test_advice_says_when_a_logical_axis_could_use_a_larger_mesh_axis():
+  abstract = nnx.state(nnx.eval_shape(lambda: RadFM(CFG, rngs=nnx.Rngs(0))))
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  notes = sharding.advice(abstract, mesh, min_bytes=0)
+  assert any(n.startswith("logical axis 'embed' is sharded over fsdp (size 1) but mesh axis 'data' (size 8)")
+             and "--config.mesh.fsdp=8 --config.mesh.data=1" in n for n in notes), notes
+  fsdp = sharding.advice(abstract, sharding.make_mesh(dict(data=1, fsdp=8, tensor=1)), min_bytes=0)
+  assert not any("'embed'" in n for n in fsdp), fsdp
+  assert sharding.advice(abstract, mesh) == []  # below the default 256 MiB threshold
+
+
+def _constraints(lowered) -> int:
+  """Activation sharding constraints in a lowered program (Shardy or GSPMD spelling)."""
+  text = lowered.as_text()
+  return text.count("sdy.sharding_constraint") + text.count("@Sharding")
+
+
+@pytest.fixture(scope="module")
+def run_programs():
+  cfg = tiny.get_config()
+  mesh = sharding.make_mesh(dict(data=4, fsdp=2, tensor=1))
+  layout = train_state.make_layout(cfg, mesh)
+  bucket = train_data.buckets(cfg, largest_only=True)[0]
+  batch = train.abstract_batch(cfg, mesh, bucket)
+  ebatch = train.abstract_batch(cfg, mesh, bucket, eval_labels=True)
+  abstract_model = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                layout.abstract_model, sharding.state_shardings(layout.abstract_model, mesh))
+  return {
+      "train": train.jit_step(train.make_train_step(layout, cfg), layout, batch).lower(layout.abstract, batch),
+      "eval": train.jit_eval_step(layout, cfg).lower(layout.abstract, ebatch),
+      "generate": decoding.lower(layout.graphdef, abstract_model, rows=8, prompt_len=64, slots=1,
+                                 grid=bucket.grid, max_new_tokens=8),
+      "bare": jax.jit(lambda p, b: layout.model(p, {})(b["inputs"], b["images"], b["image_mask"])).lower(
+          layout.abstract["params"], batch),
+  }
+
+
+@pytest.mark.parametrize("kind", ["train", "eval", "generate"])
+def test_programs_are_traced_under_their_mesh(run_programs, kind):
+  """The train step, eval step and generation enter their mesh themselves: the model's activation
+  constraints (embedding, every layer body, logits) are in the program however it is traced (here with
+  no mesh context at all). Without it XLA may keep the whole global batch on every chip."""
+  assert _constraints(run_programs["bare"]) == 0  # the same model traced without a mesh: none
+  assert _constraints(run_programs[kind]) >= 5, kind

@@ -9,7 +9,9 @@ sampling (one compiled program per (shapes, max_new_tokens, greedy-or-not); eos,
 top-k and top-p are runtime values). eos defaults to the tokenizer's (`tokenizer.EOS_ID` = 2, the id RadFM
 was trained to stop on; its shipped config says 1, a bug).
 
-Callers trace it under `jax.set_mesh(mesh)` (the CLI, `inference.batching` and eval do).
+Traced under the parameters' mesh: `generate` passes it (`params_mesh`) and `_generate` enters
+`sharding.activation_mesh` itself, so the activation constraints are on however it is called;
+`lower` builds the same program from abstract parameters for the AOT planner (radfm_jax.aot).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax import models
+from radfm_jax import sharding
 from radfm_jax.data.tokenizer import EOS_ID, PAD_ID
 from radfm_jax.models import radfm as radfm_lib
 
@@ -61,9 +64,16 @@ def _step_key(rng: jax.Array, i: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in, (0, None))(rng, i) if rng.ndim else jax.random.fold_in(rng, i)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "mesh"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, sampling, *,
-              max_new_tokens, greedy):
+              max_new_tokens, greedy, mesh=None):
+  with sharding.activation_mesh(mesh):  # the parameters' mesh: activation constraints on
+    return _decode(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, sampling,
+                   max_new_tokens=max_new_tokens, greedy=greedy)
+
+
+def _decode(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng, sampling, *,
+            max_new_tokens, greedy):
   eos_id, pad_id, temperature, top_k, top_p = sampling
   model = nnx.merge(graphdef, state)
   b, p = prompt_ids.shape
@@ -99,6 +109,35 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, images, image_mask, rng,
 
   init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, jnp.zeros((b,), bool))
   return jax.lax.while_loop(cond, body, init)[3]
+
+
+def params_mesh(state: Any) -> jax.sharding.Mesh | None:
+  """The mesh the parameters live on (their NamedSharding's), or None (single device / unsharded)."""
+  for leaf in jax.tree.leaves(state):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and set(sharding.MESH_AXES) <= set(sh.mesh.axis_names):
+      return sh.mesh
+  return None
+
+
+def lower(graphdef: nnx.GraphDef, abstract_state: Any, *, rows: int, prompt_len: int, slots: int,
+          grid: tuple[int, int, int] | None, channels: int = 1, max_new_tokens: int) -> jax.stages.Lowered:
+  """The exact program `generate` runs (greedy; prefill + the decode loop) for these shapes, lowered
+  from abstract parameters (ShapeDtypeStructs with shardings) for ahead-of-time compilation: prompts
+  and masks as `inference.batching` passes them (host arrays, replicated), images sharded over the batch."""
+  mesh = params_mesh(abstract_state)
+  rep = None if mesh is None else sharding.replicated(mesh)
+  sds = lambda shape, dt, sh=rep: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  images = image_mask = None
+  if grid is not None:
+    images = sds((rows, slots, *grid, channels), jnp.float32,
+                 None if mesh is None else sharding.batch_sharding(mesh, 6))
+    image_mask = sds((rows, slots), jnp.bool_)
+  sampling = (sds((), jnp.int32), sds((), jnp.int32), sds((), jnp.float32), sds((), jnp.int32),
+              sds((), jnp.float32))
+  return _generate.lower(graphdef, abstract_state, sds((rows, prompt_len), jnp.int32),
+                         sds((rows, prompt_len), jnp.bool_), images, image_mask, None, sampling,
+                         max_new_tokens=int(max_new_tokens), greedy=True, mesh=mesh)
 
 
 def _split(model_or_split: Any) -> tuple[nnx.GraphDef, nnx.State]:
@@ -170,7 +209,7 @@ def generate(model, prompt_ids, prompt_mask, images=None, image_mask=None, *, ma
               jnp.int32(top_k), jnp.float32(top_p))
   return _generate(graphdef, state, _dev(prompt_ids, jnp.int32), _dev(prompt_mask, jnp.bool_),
                    _dev(images), _dev(image_mask, jnp.bool_), None if greedy else rng, sampling,
-                   max_new_tokens=int(max_new_tokens), greedy=greedy)
+                   max_new_tokens=int(max_new_tokens), greedy=greedy, mesh=params_mesh(state))
 
 
 def _addressable(x) -> bool:

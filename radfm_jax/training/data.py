@@ -12,6 +12,7 @@ closed-question accuracy overall and on image-dependent questions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -27,7 +28,42 @@ from radfm_jax.data import collate
 from radfm_jax.data import demo as demo_lib
 from radfm_jax.data import store as store_lib
 from radfm_jax.data import pipeline
+from radfm_jax.data import preprocess
 from radfm_jax.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """One static batch shape the pipeline can produce: image group (0 = 2D grid, else the 3D depth
+  bucket), global rows, image slots, text length and the (H, W, D) image grid."""
+  group: int
+  rows: int
+  slots: int
+  length: int
+  grid: tuple[int, int, int]
+
+  @property
+  def name(self) -> str:
+    return f"{'2d' if self.group == 0 else f'3d{self.group}'}_s{self.slots}_t{self.length}"
+
+
+def buckets(cfg: ml_collections.ConfigDict, *, largest_only: bool = False) -> list[Bucket]:
+  """Every batch shape `cfg.data` can produce (pipeline.plan's buckets: the 2D group and each depth
+  bucket x slot buckets x length buckets), largest first within a group. `largest_only`: per batch
+  size, the group with the largest images at the largest slots and length (memory grows with each of
+  them, so these bound every other shape: the 2D group and the deepest 3D group)."""
+  d = cfg.data
+  spec = preprocess.ImageSpec.from_config(d)
+  # pipeline._buckets: the same normalisation the pipeline applies (values below top, plus top).
+  lengths = pipeline._buckets(d.get("len_buckets"), int(d.max_len), "len_buckets")  # pylint: disable=protected-access
+  slots = pipeline._buckets(d.get("slot_buckets"), max(int(cfg.model.max_images), 1), "slot_buckets")  # pylint: disable=protected-access
+  groups = [0] + list(spec.depth_buckets)
+  if largest_only:
+    groups = [0, spec.depth_buckets[-1]]
+    slots, lengths = slots[-1:], lengths[-1:]
+  b2, b3 = int(d.batch_size), int(d.get("batch_size_3d") or d.batch_size)
+  return [Bucket(g, b2 if g == 0 else b3, s, t, preprocess.grid_of(g, spec))
+          for g in groups for s in reversed(slots) for t in reversed(lengths)]
 
 
 @contextlib.contextmanager

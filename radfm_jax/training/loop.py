@@ -4,7 +4,8 @@ Sections: logging -> mesh -> data -> model + sharding -> restore -> update step 
 -> loop -> cleanup. The run resumes by itself from the latest complete checkpoint in the workdir (same
 data, same losses). Top-level config keys read here: seed, total_steps, log_every, checkpoint_every,
 keep_checkpoints, eval_every, eval_batches, microbatches, nonfinite_limit, init_from, init_required,
-profile_steps, profile_first, tensorboard_dir, optim.*, model.*, mesh.*, data.* (defaults:
+profile_steps, profile_first, tensorboard_dir, compilation_cache (JAX's persistent cache: path | "auto" |
+""), optim.*, model.*, mesh.*, data.* (defaults:
 configs/common_train.py). The workdir may be a URL (gs://bucket/run): checkpoints, metrics.jsonl and
 TensorBoard events (unless tensorboard_dir says otherwise) go there.
 """
@@ -82,10 +83,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   logging.info("Process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
 
+  enable_compilation_cache(cfg.get("compilation_cache", "auto"), workdir)
+
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(cfg.mesh)
   logging.info("Mesh %s", dict(mesh.shape))
-  _check_config(cfg, mesh)
+  train_step.check_config(cfg, mesh)
 
   # ------------------------------------------------------------------------------------------- data
   data = train_data.TrainData(cfg)
@@ -162,7 +165,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     summary["last_metrics"] = m
 
   # ------------------------------------------------------------------------------------------ evals
-  eval_fn = jax.jit(train_step.make_eval_step(layout, cfg), out_shardings=sharding.replicated(mesh))
+  eval_fn = train_step.jit_eval_step(layout, cfg)
 
   def run_eval(state, step: int) -> dict[str, float]:
     if not data.has_eval:
@@ -235,17 +238,19 @@ def _batch_flops(cfg, batch: train_step.Batch, towers: Mapping[str, bool]) -> fl
   return metrics_lib.train_flops(cfg.model, batch=b, seq_len=t, image_shape=shape, trainable=towers)
 
 
-def _check_config(cfg: ml_collections.ConfigDict, mesh) -> None:
-  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "optim", "model", "mesh", "data"):
-    if key not in cfg:
-      raise ValueError(f"config has no top-level `{key}` (see configs/common_train.py)")
-  n_micro = int(cfg.get("microbatches", 1))
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for name in ("batch_size", "batch_size_3d"):
-    b = int(cfg.data.get(name) or cfg.data.batch_size)
-    if n_micro < 1 or b % n_micro or (b // n_micro) % shards:
-      raise ValueError(f"data.{name}={b} must split into microbatches={n_micro} microbatches whose size "
-                       f"is a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+def enable_compilation_cache(setting: str, workdir: str) -> str | None:
+  """JAX's persistent compilation cache, so a restarted pod job does not recompile: `setting` is a
+  path, "auto" (WORKDIR/compile_cache on TPU/GPU; off on CPU, where compiles are cheap) or "" (off).
+  The first setting in a process wins (JAX reads it once). Returns the directory in use, or None."""
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if setting == "auto":
+    setting = "" if jax.default_backend() == "cpu" else os.path.join(workdir, "compile_cache")
+  if setting:
+    jax.config.update("jax_compilation_cache_dir", setting)
+    logging.info("Persistent compilation cache: %s", setting)
+  return setting or None
 
 
 class _LibraryInfoFilter(logging.Filter):

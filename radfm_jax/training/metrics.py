@@ -27,11 +27,18 @@ import numpy as np
 
 from radfm_jax import paths
 
-# Dense bf16 peak per chip, TFLOP/s; matched as lower-case substrings of `device.device_kind`.
+# Dense bf16 peak per chip, TFLOP/s; matched in order as lower-case substrings of `device.device_kind`
+# (v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite": "v5 lite" must come before "tpu v5").
 PEAK_TFLOPS = (
-    ("v6 lite", 918.0), ("v6e", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0),
-    ("v4", 275.0), ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
+    ("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0),
+    ("tpu v5", 459.0), ("v4", 275.0), ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
 )
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """Dense bf16 TFLOP/s of one chip of `device_kind` (e.g. "TPU v5", "NVIDIA H100 80GB HBM3"), or None."""
+  kind = device_kind.lower()
+  return next((t for key, t in PEAK_TFLOPS if key in kind), None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,10 +119,9 @@ def peak_flops(dtype: str = "bfloat16") -> tuple[float, str]:
     per_host = cpu_matmul_probe(dtype)
     return per_host * jax.process_count(), (f"CPU matmul probe ({dtype}): {per_host / 1e9:.0f} GFLOP/s "
                                             f"per host x {jax.process_count()}")
-  kind = dev.device_kind.lower()
-  for key, tflops in PEAK_TFLOPS:
-    if key in kind:
-      return tflops * 1e12 * jax.device_count(), f"{dev.device_kind}: {tflops} TFLOP/s x {jax.device_count()}"
+  tflops = peak_tflops(dev.device_kind)
+  if tflops:
+    return tflops * 1e12 * jax.device_count(), f"{dev.device_kind}: {tflops} TFLOP/s x {jax.device_count()}"
   logging.warning("No peak FLOP/s known for device kind %r; MFU will be reported as 0.", dev.device_kind)
   return 0.0, f"unknown device kind {dev.device_kind!r}"
 

@@ -6,8 +6,12 @@ AOT planner (`radfm_jax.aot`): the same functions trace the programs a run execu
   make_eval_step(layout, cfg)    validation sums (answer-token NLL, closed-question exact match)
   to_global(host_batch, mesh)    this process's rows -> global arrays sharded over (data, fsdp)
 
-Every program here must be traced under `jax.set_mesh(layout.mesh)`, so that the activation sharding
-constraints of the models (`sharding.constrain`) are active.
+  abstract_batch(cfg, mesh, bucket)  a data bucket's global batch as ShapeDtypeStructs (AOT lowering)
+  check_config(cfg, mesh)        the config can run on the mesh (keys, batch sizes vs shards)
+
+Every program here is traced under its mesh: `_hidden` enters `sharding.activation_mesh(layout.mesh)`
+itself, so the models' activation sharding constraints (`sharding.constrain`) are active wherever the
+step is traced (loop, demo, planner, tests); tests/test_sharding.py fails if that is ever lost.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import optax
 from radfm_jax import sharding
 from radfm_jax.data import pipeline
 from radfm_jax.models import loss as loss_lib
+from radfm_jax.training import data as train_data
 from radfm_jax.training import optim
 from radfm_jax.training import state as train_state
 
@@ -51,11 +56,14 @@ def dropout_key(seed: int, step: jax.Array | int, microbatch: jax.Array | int = 
 def _hidden(layout: train_state.Layout, params, frozen, batch: Batch,
             key: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """(LM hidden states [B, T, E], the LM) for the chunked loss (models/loss.py: the [B, T, V] logits
-  never exist whole); dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training)."""
+  never exist whole); dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training).
+  Traced under the layout's mesh (`sharding.activation_mesh`): the activation constraints are on in
+  every program that calls it (train step, eval step, demo scoring), wherever it is traced."""
   model = layout.model(params, frozen)
-  hidden = model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
-                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key,
-                 head=False)
+  with sharding.activation_mesh(layout.mesh):
+    hidden = model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
+                   positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key,
+                   head=False)
   return hidden, getattr(model, "lm", model)
 
 
@@ -140,6 +148,34 @@ def jit_step(step: Callable, layout: train_state.Layout, batch: Batch) -> Callab
                  out_shardings=(layout.shardings, sharding.replicated(layout.mesh)), donate_argnums=(0,))
 
 
+def abstract_batch(cfg: ml_collections.ConfigDict, mesh, bucket: train_data.Bucket, *,
+                   eval_labels: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global device batch of one data bucket as ShapeDtypeStructs sharded like `to_global`'s
+  (what `jit_step(...).lower` / the eval step take; radfm_jax.aot compiles these)."""
+  b, t, s = bucket.rows, bucket.length, bucket.slots
+  shapes = {k: ((b, t), np.int32) for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+  shapes["images"] = ((b, s, *bucket.grid, int(cfg.data.get("image_channels", 1))), np.float32)
+  shapes["image_mask"] = ((b, s), np.bool_)
+  if eval_labels:
+    shapes.update({k: ((b,), np.bool_) for k in EVAL_KEYS})
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def check_config(cfg: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ValueError when the config cannot run on `mesh` (missing keys, batch not divisible)."""
+  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "optim", "model", "mesh", "data"):
+    if key not in cfg:
+      raise ValueError(f"config has no top-level `{key}` (see configs/common_train.py)")
+  n_micro = int(cfg.get("microbatches", 1))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name in ("batch_size", "batch_size_3d"):
+    b = int(cfg.data.get(name) or cfg.data.batch_size)
+    if n_micro < 1 or b % n_micro or (b // n_micro) % shards:
+      raise ValueError(f"data.{name}={b} must split into microbatches={n_micro} microbatches whose size "
+                       f"is a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+
+
 def to_global(host_batch: Batch, mesh) -> dict:
   """This process's numpy batch -> global jax arrays sharded over (data, fsdp). Only the model inputs
   and eval labels go to the devices; host-only fields (e.g. record_index) stay behind."""
@@ -175,6 +211,11 @@ def make_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -
             "closed_image_correct": (s["exact"] & closed_img).sum(), "closed_image": closed_img.sum()}
 
   return eval_step
+
+
+def jit_eval_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) -> Callable:
+  """The jitted eval step the run uses: state in its layout, batch as given, sums replicated."""
+  return jax.jit(make_eval_step(layout, cfg), out_shardings=sharding.replicated(layout.mesh))
 
 
 def evaluate(eval_fn: Callable, state, batches: Iterator[Batch], mesh) -> dict[str, float]:
