@@ -38,14 +38,15 @@ def _linear_index(shape: tuple[int, ...]) -> jax.Array:
   return idx
 
 
-def _leaf_summary(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _leaf_summary(x: jax.Array) -> jax.Array:
+  """[fingerprint word 1, word 2, finite] as uint32[3]."""
   bits = _bits(x)
   idx = _linear_index(bits.shape)
   h1 = jnp.sum(bits * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
   rot = (bits << jnp.uint32(7)) | (bits >> jnp.uint32(25))
   h2 = jnp.sum(rot * ((idx * jnp.uint32(0x9E3779B9)) | jnp.uint32(1)), dtype=jnp.uint32)
   finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-  return h1, h2, finite
+  return jnp.stack([h1, h2, finite.astype(jnp.uint32)])
 
 
 @jax.jit
@@ -60,8 +61,7 @@ def paths(state: Any) -> list[str]:
 
 def summary(state: Any) -> dict[str, tuple[str, bool]]:
   """{leaf path: (fingerprint as 16 hex digits, all values finite)} for every array of `state`."""
-  out = jax.device_get(_summaries(state))
-  leaves = jax.tree.leaves(out, is_leaf=lambda t: isinstance(t, tuple))
+  leaves = jax.device_get(jax.tree.leaves(_summaries(state)))
   return {p: (f"{int(h1):08x}{int(h2):08x}", bool(fin)) for p, (h1, h2, fin) in zip(paths(state), leaves)}
 
 
