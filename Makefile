@@ -16,8 +16,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 setup: $(STAMP)
 
+# JAX_PLATFORMS=cpu: the demo runs on the CPU; without it JAX also loads libtpu (installed for the AOT tests),
+# which on a machine without TPUs corrupted the heap (crashes, silently different numbers). See configs/demo.py.
 demo: $(STAMP)
-	$(VPY) -m radfm_jax.demo --workdir=runs/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VPY) -m radfm_jax.demo --workdir=runs/demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -n 2 tests

@@ -111,11 +111,12 @@ class Checkpoints:
     logging.info("Saving checkpoint %d to %s (async)", step, self.directory)
 
   def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
-    steps = sorted(set(self._saving) | ({step} if step is not None else set()))
-    self._saving = []
     self.manager.reload()
+    intact = sorted(self.all_steps())
+    steps = sorted((set(self._saving) | ({step} if step is not None else set())) - set(intact))
+    self._saving = []
     return CheckpointError(f"saving checkpoint(s) {steps} to {self.directory} failed ({_one_line(e)}); "
-                           f"intact checkpoints: {list(self.all_steps())}")
+                           f"intact checkpoints: {intact}")
 
   # ---------------------------------------------------------------------------------------- restore
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, bool]:
