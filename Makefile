@@ -16,8 +16,8 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 setup: $(STAMP)
 
-# JAX_PLATFORMS=cpu: the demo runs on the CPU; without it JAX also loads libtpu (installed for the AOT tests),
-# which on a machine without TPUs corrupted the heap (crashes, silently different numbers). See configs/demo.py.
+# JAX_PLATFORMS=cpu: the demo runs on the CPU; without it JAX also probes libtpu (installed for the AOT tests),
+# which fails on a machine without TPUs and contends for libtpu's lock file with other jobs.
 demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VPY) -m radfm_jax.demo --workdir=runs/demo
 

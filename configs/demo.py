@@ -15,10 +15,9 @@ closed image-dependent questions (n=89) answered exactly 70.8% (val) / 68.5% (te
 the text-only prior (most frequent training answer per question) and 46% chance; modality questions
 100% (measured at commit 17b3f7f; a change to the traced program moves float rounding and these figures).
 
-Determinism: with JAX_PLATFORMS=cpu (`make demo` sets it) the run is bit-stable: two 16-step runs at the same time
-under a load average of 20-28 printed bit-identical losses; batches are byte-identical with 0 or 1 Grain workers. Without it, on a
-machine where libtpu is installed, JAX also initialises the TPU plugin, and 4 of 4 such runs corrupted the heap
-(crashes; one diverged silently at step 3 first): the likely source of a 69.7% / 65.2% once seen (README).
+Determinism (README, "The demo"): the arithmetic is bit-stable under load (identical losses and batches, 0 or 1
+workers), but 5 of 7 runs on the loaded 2-core machine died of heap corruption in the input path, one after its
+losses had silently drifted: the likely source of a 69.7% / 65.2% once seen. Not yet fixed.
 """
 import ml_collections
 
