@@ -26,8 +26,10 @@ $(BEAM_STAMP): requirements-beam.txt pyproject.toml
 
 setup: $(STAMP) $(BEAM_STAMP)
 
+# JAX_PLATFORMS=cpu: the demo runs on the CPU; without it JAX also probes libtpu (installed for the AOT tests),
+# which fails on a machine without TPUs and contends for libtpu's lock file with other jobs.
 demo: $(STAMP)
-	$(VPY) -m radfm_jax.demo --workdir=runs/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VPY) -m radfm_jax.demo --workdir=runs/demo
 
 test: $(STAMP) $(BEAM_STAMP)
 	$(VPY) -m pytest -q -n 2 tests

@@ -13,7 +13,11 @@ Expected on 2 CPU cores (measured): 600 steps in ~5 minutes (0.42-0.45 s/step, ~
 the demo store (n=1000) builds in ~25 s on first use. Result: validation loss 0.162 per answer token;
 closed image-dependent questions (n=89) answered exactly 70.8% (val) / 68.5% (test) against 46% for
 the text-only prior (most frequent training answer per question) and 46% chance; modality questions
-100%. The run is deterministic: the same numbers on every run.
+100% (measured at commit 17b3f7f; a change to the traced program moves float rounding and these figures).
+
+Determinism (README, "The demo"): the arithmetic is bit-stable under load (identical losses and batches, 0 or 1
+workers), but 5 of 7 runs on the loaded 2-core machine died of heap corruption in the input path, one after its
+losses had silently drifted: the likely source of a 69.7% / 65.2% once seen. Not yet fixed.
 """
 import ml_collections
 

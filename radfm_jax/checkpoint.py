@@ -15,7 +15,8 @@ resampler freshly initialised, e.g. MedLLaMA before stage-1 training), build the
 
 Tokenizer: a config field named `tokenizer`, `tokenizer_path` or `tokenizer_model` (at any depth) that
 names an existing file is copied into the checkpoint with its sha256; `load_config` points that field at
-the copy (the original path is kept under "tokenizer" in radfm_jax.json).
+the copy (the original path is kept under "tokenizer" in radfm_jax.json) after checking that the recorded
+name stays inside the checkpoint and that the copy still matches its sha256 (`tokenizer_file`).
 
 Restoring is always against an abstract state carrying the *current* mesh's shardings (from
 `radfm_jax.sharding`), so each device reads only its shards and a checkpoint written on one mesh
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from typing import Any, Mapping
 
 import jax
@@ -126,28 +128,78 @@ def sha256_file(path: str) -> str:
 
 
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
+  """radfm_jax.json of a checkpoint, checked: valid JSON, our format, a known model class."""
   path = paths.path(ckpt_dir) / META_FILE
   if not path.exists():
     what = ("an unfinished save or not a radfm_jax params checkpoint" if paths.path(ckpt_dir).is_dir()
             else "no such directory")
     raise FileNotFoundError(f"{ckpt_dir}: no {META_FILE} ({what})")
-  meta = json.loads(path.read_text())
+  try:
+    meta = json.loads(path.read_bytes().decode("utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); the checkpoint's metadata is damaged") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  try:
+    models.get(meta.get("model_class"))
+  except (ValueError, TypeError):
+    raise ValueError(f"{path}: unknown model_class {meta.get('model_class')!r} (known: "
+                     f"{sorted(models.REGISTRY)})") from None
+  if not isinstance(meta.get("config"), dict):
+    raise ValueError(f"{path}: no `config` object")
   return meta
 
 
+def tokenizer_file(ckpt_dir: str, meta: Mapping[str, Any] | None = None) -> str | None:
+  """The checkpoint's own tokenizer copy (None when it records none), checked: its name stays inside the
+  checkpoint directory and its sha256 matches the one recorded at save."""
+  ckpt_dir = paths.absolute(ckpt_dir)
+  meta = read_meta(ckpt_dir) if meta is None else meta
+  tok = meta.get("tokenizer")
+  if not tok:
+    return None
+  where = os.path.join(ckpt_dir, META_FILE)
+  name = tok.get("file") if isinstance(tok, Mapping) else None
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{where}: tokenizer entry without a file name: {tok!r}")
+  if paths.is_remote(ckpt_dir):  # a URL: no symlinks, normalise the name itself
+    norm = posixpath.normpath(name)
+    inside = not (posixpath.isabs(norm) or norm == "." or norm == ".." or norm.startswith("../"))
+    copy = posixpath.join(ckpt_dir, norm)
+  else:
+    root = os.path.realpath(ckpt_dir)
+    copy = os.path.realpath(os.path.join(root, name))
+    inside = not os.path.isabs(name) and os.path.commonpath([root, copy]) == root and copy != root
+  if not inside:
+    raise ValueError(f"{where}: tokenizer file {name!r} is outside the checkpoint directory; refusing it")
+  if not paths.path(copy).is_file():
+    raise FileNotFoundError(f"{ckpt_dir}: tokenizer copy {name} is missing")
+  got = sha256_file(copy)
+  if got != tok.get("sha256"):
+    raise ValueError(f"{copy}: sha256 {got[:12]}... does not match the {str(tok.get('sha256'))[:12]}... "
+                     f"recorded in {where}: the tokenizer was replaced or damaged")
+  return copy
+
+
 def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
-  """The full config the checkpoint was saved with (tokenizer field pointed at the checkpoint's copy)."""
+  """The full config the checkpoint was saved with (tokenizer field pointed at the checkpoint's copy,
+  after checking it; see `tokenizer_file`)."""
   ckpt_dir = paths.absolute(ckpt_dir)
   meta = read_meta(ckpt_dir)
   cfg = ml_collections.ConfigDict(meta["config"])
-  tok = meta.get("tokenizer")
-  if tok:
-    copy = os.path.join(ckpt_dir, tok["file"])
-    if not paths.path(copy).is_file():
-      raise FileNotFoundError(f"{ckpt_dir}: tokenizer copy {tok['file']} is missing")
-    _set_field(cfg, tok["field"], copy)
+  copy = tokenizer_file(ckpt_dir, meta)
+  if copy:
+    field = meta["tokenizer"].get("field")
+    if not isinstance(field, str) or field.split(".")[-1] not in TOKENIZER_FIELDS:
+      raise ValueError(f"{os.path.join(ckpt_dir, META_FILE)}: tokenizer field {field!r} is not one of "
+                       f"{TOKENIZER_FIELDS} (at any depth)")
+    try:
+      _set_field(cfg, field, copy)
+    except (KeyError, AttributeError):
+      raise ValueError(f"{os.path.join(ckpt_dir, META_FILE)}: tokenizer field {field!r} is not in the "
+                       "recorded config") from None
   return cfg
 
 

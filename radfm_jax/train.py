@@ -14,10 +14,19 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from radfm_jax import distributed
+from radfm_jax.training import checkpoints
+from radfm_jax.training import config as config_lib
 from radfm_jax.training import loop
+from radfm_jax.training import step
+
+# Errors whose message says all a user needs (which key, checkpoint or file, and what to do): reported as
+# one line at the end of the log, exit status 1, no traceback.
+USER_ERRORS = (config_lib.ConfigError, checkpoints.CheckpointError, checkpoints.IncompatibleCheckpoint,
+               checkpoints.NonFiniteState, step.NonFiniteError)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -25,8 +34,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS.workdir or flags.FLAGS.config is None:
     raise app.UsageError("--config and --workdir are required")
-  distributed.initialize()
-  loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    config_lib.validate(flags.FLAGS.config)  # before the distributed runtime starts
+    distributed.initialize()
+    loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except USER_ERRORS as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    raise SystemExit(1) from None
 
 
 def run() -> None:

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common_train
 from radfm_jax import distributed
 from radfm_jax.training import optim
 from radfm_jax import sharding
@@ -14,7 +15,7 @@ from train_utils import synthetic_batch, tiny_train_config
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_end_ratio():
-  cfg = optim.default_config()
+  cfg = common_train.optim_config()
   cfg.lr, cfg.warmup_steps, cfg.end_lr_ratio = 1e-3, 10, 0.1
   s = optim.schedule(cfg, 110)
   assert float(s(0)) == 0.0
@@ -27,7 +28,7 @@ def test_schedule_warms_up_linearly_then_decays_to_the_end_ratio():
 def test_weight_decay_mask_skips_norms_biases_embeddings_and_latents():
   layout = train_state.make_layout(tiny_train_config(), sharding.make_mesh({"data": -1}))
   flat = {optim.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
-      optim.path_mask(layout.abstract["params"], optim.DEFAULT_NO_DECAY))[0]}
+      optim.path_mask(layout.abstract["params"], common_train.NO_DECAY))[0]}
   no_decay = {k for k, v in flat.items() if v}
   for path in ("lm/embed_tokens", "image_marker_embed", "vision/pos_row", "resampler/latents",
                "vision/blocks/attn_norm/scale", "vision/patch_norm_in/bias", "lm/final_norm/scale",

@@ -21,9 +21,8 @@ import glob
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any
 
-import jax
 import ml_collections
 
 from radfm_jax.aot import programs as programs_lib

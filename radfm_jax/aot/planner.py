@@ -10,8 +10,7 @@ The JSON contract (plan.json; launchers rely on it): {"fits": bool, "topology": 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections

@@ -200,8 +200,8 @@ def export_hf_llama(ckpt_dir: str, dst_dir: str, *, dtype: Any = None,
       dst_dir, max_shard_bytes=max_shard_bytes)
   with open(os.path.join(dst_dir, "config.json"), "w") as fh:
     json.dump(hf_config_from_lm(cfg.model.lm, cfg.model.vocab_size, dtype=out_dtype), fh, indent=1)
-  tok = meta.get("tokenizer")
+  tok = checkpoint.tokenizer_file(ckpt_dir, meta)  # inside the checkpoint, sha256 checked
   if tok:  # the SentencePiece model travels with the weights (LLaMA's tokenizer.model)
-    shutil.copyfile(os.path.join(ckpt_dir, tok["file"]), os.path.join(dst_dir, "tokenizer.model"))
+    shutil.copyfile(tok, os.path.join(dst_dir, "tokenizer.model"))
     files.append("tokenizer.model")
   return files

@@ -125,8 +125,7 @@ class FilesSource(Source):
     self.name = name or (files[0] if len(files) == 1 else os.path.dirname(files[0]) or ".")
     for f in files:
       if f.endswith(".safetensors"):
-        from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-        h = safe_open(f, framework="np")
+        h = _safe_open(f)
         self._handles[f] = h
         for k in h.keys():
           self._add(k, f, None)
@@ -156,17 +155,49 @@ class FilesSource(Source):
     f, t = self._where[key]
     if t is not None:
       return torch_to_numpy(t)
-    return self._handles[f].get_tensor(key)
+    try:
+      return self._handles[f].get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, ...)
+      raise ValueError(f"{f}: cannot read tensor {key!r} ({type(e).__name__}: {e})") from None
+
+
+def _safe_open(path: str) -> Any:
+  """safe_open with errors that name the file (a bad header says only what was wrong, not where)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top  # optional dependency
+  try:
+    return safe_open(path, framework="np")
+  except Exception as e:  # SafetensorError (header), OSError, ...
+    raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _index_shards(model_dir: str, index_path: str) -> list[str]:
+  """The shard files named by a `*.index.json`, each checked to be a plain file name inside model_dir."""
+  try:
+    with open(index_path, encoding="utf-8") as fh:
+      weight_map = json.load(fh)["weight_map"]
+  except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{index_path}: expected JSON with a `weight_map` object ({type(e).__name__}: {e})") from None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ValueError(f"{index_path}: `weight_map` must map tensor names to shard file names")
+  root = os.path.realpath(model_dir)
+  out = []
+  for name in sorted(set(weight_map.values())):
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([root, path]) != root or path == root:
+      raise ValueError(f"{index_path}: shard {name!r} is outside {model_dir}; refusing it")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{index_path}: shard {name!r} is missing from {model_dir}")
+    out.append(os.path.join(model_dir, name))
+  return out
 
 
 def hf_weight_files(model_dir: str) -> list[str]:
-  """The weight files of a Hugging Face model directory (safetensors preferred)."""
+  """The weight files of a Hugging Face model directory (safetensors preferred). Shards named by an
+  index must stay inside the directory."""
   for index in HF_INDEX_FILES:
     p = os.path.join(model_dir, index)
     if os.path.exists(p):
-      with open(p) as fh:
-        weight_map = json.load(fh)["weight_map"]
-      return [os.path.join(model_dir, f) for f in sorted(set(weight_map.values()))]
+      return _index_shards(model_dir, p)
   for name in HF_WEIGHT_FILES:
     p = os.path.join(model_dir, name)
     if os.path.exists(p):

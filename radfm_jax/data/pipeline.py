@@ -76,7 +76,7 @@ class Plan:
 
 def mixture(data_cfg: Any) -> list[tuple[str, str, float]]:
   """(name, store root, weight) of every dataset: data_cfg.mix, or the single data_cfg.store."""
-  mix = data_cfg.get("mix") or [{"name": "data", "store": data_cfg.store, "weight": 1.0}]
+  mix = data_cfg.mix or [{"name": "data", "store": data_cfg.store, "weight": 1.0}]
   out = []
   for i, m in enumerate(mix):
     if not m.get("store"):
@@ -110,9 +110,9 @@ def plan(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: str, train
          seed: int) -> Plan:
   """Reads the manifests and builds rows and streams (see the module docstring)."""
   spec = preprocess.ImageSpec.from_config(data_cfg)
-  tasks = tuple(data_cfg.tasks) if data_cfg.get("tasks") else None
-  pack = bool(data_cfg.get("pack", False))
-  max_samples = int(data_cfg.get("pack_max_samples", 8)) if pack else 1
+  tasks = tuple(data_cfg.tasks) if data_cfg.tasks else None
+  pack = bool(data_cfg.pack)
+  max_samples = int(data_cfg.pack_max_samples) if pack else 1
   sources, weights, num_records, excluded = [], [], [], {}
   all_rows, all_groups, streams = [], [], []
   for d, (name, root, weight) in enumerate(mixture(data_cfg)):
@@ -166,8 +166,8 @@ def plan(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: str, train
                      f"excluded={excluded})")
   return Plan(sources=sources, weights=weights, num_records=num_records, rows=rows, row_group=row_group,
               streams=streams, excluded=excluded,
-              len_buckets=collate.buckets(data_cfg.get("len_buckets"), int(data_cfg.max_len), "len_buckets"),
-              slot_buckets=collate.buckets(data_cfg.get("slot_buckets"), max(tokenizer.max_images, 1),
+              len_buckets=collate.buckets(data_cfg.len_buckets, int(data_cfg.max_len), "len_buckets"),
+              slot_buckets=collate.buckets(data_cfg.slot_buckets, max(tokenizer.max_images, 1),
                                     "slot_buckets"))
 
 
@@ -179,7 +179,7 @@ def make_pipeline(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: s
   process_count = jax.process_count() if process_count is None else process_count
   p = the_plan or plan(data_cfg, tokenizer, split=split, train=train, seed=seed)
   batch_size = int(data_cfg.batch_size)
-  batch_size_3d = int(data_cfg.get("batch_size_3d") or batch_size)
+  batch_size_3d = int(data_cfg.batch_size_3d)
   for name, gb in (("batch_size", batch_size), ("batch_size_3d", batch_size_3d)):
     if gb % process_count:
       raise ValueError(f"data.{name}={gb} is not divisible by the {process_count} processes")
@@ -187,7 +187,7 @@ def make_pipeline(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: s
       sources=p.sources, num_records=p.num_records, rows=p.rows, row_group=p.row_group,
       tokenizer=tokenizer, spec=preprocess.ImageSpec.from_config(data_cfg), max_len=int(data_cfg.max_len),
       len_buckets=p.len_buckets, slot_buckets=p.slot_buckets, batch_size=batch_size,
-      batch_size_3d=batch_size_3d, train=train, on_corrupt=data_cfg.get("on_corrupt", "skip"),
+      batch_size_3d=batch_size_3d, train=train, on_corrupt=data_cfg.on_corrupt,
       process_index=process_index, process_count=process_count)
   streams, weights = [], []
   rows_per_dataset = [sum(len(r) for d2, _, r in p.streams if d2 == d) for d in range(len(p.sources))]
@@ -205,12 +205,12 @@ def make_pipeline(data_cfg: Any, tokenizer: tokenizer_lib.Tokenizer, *, split: s
   else:
     ds = grain.MapDataset.concatenate(streams) if len(streams) > 1 else streams[0]
     ds = ds.map(builder)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 2)),
-                                            prefetch_buffer_size=int(data_cfg.get("prefetch", 2))))
-  workers = int(data_cfg.get("workers", 0))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.read_threads),
+                                            prefetch_buffer_size=int(data_cfg.prefetch)))
+  workers = int(data_cfg.workers)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=int(data_cfg.get("worker_buffer", 2))))
+        num_workers=workers, per_worker_buffer_size=int(data_cfg.worker_buffer)))
   logging.info("pipeline %s: %d rows in %d streams, groups %s, <= %d shapes, excluded %s", split,
                len(p.rows), len(p.streams), p.groups, p.max_shapes, p.excluded)
   return iter(it)

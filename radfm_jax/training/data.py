@@ -110,7 +110,7 @@ class TrainData:
     self.cfg = cfg
     ensure_demo_data(cfg.data, int(cfg.model.vocab_size))
     self.tokenizer = tokenizer_lib.Tokenizer.from_config(cfg.data, cfg.model)
-    self.has_eval = bool(cfg.data.get("eval_split"))
+    self.has_eval = bool(cfg.data.eval_split)
     self._plans: dict[str, Any] = {}     # split -> eval plan
 
   def train_iterator(self, seed_offset: int = 0) -> Any:
@@ -141,7 +141,7 @@ class TrainData:
     plan = self._plan(split)
     it = pipeline.make_pipeline(self._eval_cfg(), self.tokenizer, split=split, train=False, seed=0,
                                 the_plan=plan)
-    limit = int(self.cfg.get("eval_batches") or 0)
+    limit = int(self.cfg.eval_batches)
     for i, batch in enumerate(it):
       if limit and i >= limit:
         break

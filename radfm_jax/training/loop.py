@@ -1,17 +1,21 @@
 """The training loop: `train_and_evaluate(cfg, workdir)`, readable top to bottom.
 
-Sections: logging -> mesh -> data -> model + sharding -> restore -> update step -> checkpoint -> evals
--> loop -> cleanup. The run resumes by itself from the latest complete checkpoint in the workdir (same
-data, same losses). Top-level config keys read here: seed, total_steps, log_every, checkpoint_every,
-keep_checkpoints, eval_every, eval_batches, microbatches, nonfinite_limit, init_from, init_required,
-profile_steps, profile_first, tensorboard_dir, compilation_cache (JAX's persistent cache: path | "auto" |
-""), optim.*, model.*, mesh.*, data.* (defaults:
-configs/common_train.py). The workdir may be a URL (gs://bucket/run): checkpoints, metrics.jsonl and
-TensorBoard events (unless tensorboard_dir says otherwise) go there.
+Sections: config -> logging -> mesh -> data -> model + sharding -> restore -> update step -> checkpoint
+-> evals -> loop -> cleanup. The config is validated first (`training.config`: every bad key named before
+anything heavy starts). The run resumes by itself from the newest intact checkpoint in the workdir (same
+data, same losses; a damaged latest checkpoint is reported in one line and skipped unless
+checkpoint_fallback is off). A state holding NaN or infinity is never saved. Top-level config keys read
+here: seed, total_steps, log_every, checkpoint_every, keep_checkpoints, checkpoint_fallback, eval_every,
+eval_batches, microbatches, nonfinite_limit, init_from, init_required, profile_steps, profile_first,
+tensorboard_dir, compilation_cache (JAX's persistent cache: path | "auto" | ""), optim.*, model.*, mesh.*,
+data.* (defaults: configs/common_train.py, configs/common_data.py). The workdir may be a URL
+(gs://bucket/run): checkpoints, metrics.jsonl and TensorBoard events (unless tensorboard_dir says
+otherwise) go there.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,6 +27,7 @@ from absl import logging as absl_logging
 from radfm_jax import paths
 from radfm_jax import sharding
 from radfm_jax.training import checkpoints as checkpoint_manager
+from radfm_jax.training import config as config_lib
 from radfm_jax.training import data as train_data
 from radfm_jax.training import metrics as metrics_lib
 from radfm_jax.training import state as train_state
@@ -76,6 +81,9 @@ class StepTimer:
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming when it holds a checkpoint); returns a summary with the final
   `state`, `step`, `start_step`, `last_metrics`, `eval` and `first_step_seconds`."""
+  # ----------------------------------------------------------------------------------------- config
+  config_lib.validate(cfg)  # ConfigError naming every bad key; nothing has started yet
+
   # ---------------------------------------------------------------------------------------- logging
   workdir = paths.absolute(workdir)  # a local folder or a URL (gs://bucket/run)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
@@ -88,7 +96,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # ------------------------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(cfg.mesh)
   logging.info("Mesh %s", dict(mesh.shape))
-  train_step.check_config(cfg, mesh)
+  config_lib.validate(cfg, dict(mesh.shape))  # batch sizes against the mesh's batch shards
 
   # ------------------------------------------------------------------------------------------- data
   data = train_data.TrainData(cfg)
@@ -98,17 +106,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   layout = train_state.make_layout(cfg, mesh)
 
   # ---------------------------------------------------------------------------------------- restore
-  ckpts = checkpoint_manager.Checkpoints(workdir, keep=cfg.get("keep_checkpoints", 3))
-  start = ckpts.latest_step()
-  if start is None:
-    if cfg.get("init_required") and not cfg.get("init_from"):
+  ckpts = checkpoint_manager.Checkpoints(workdir, keep=cfg.keep_checkpoints)
+  # The newest intact checkpoint: a damaged one is logged in one line and moved aside (or, with
+  # checkpoint_fallback off, CheckpointError); other shapes -> IncompatibleCheckpoint naming the array.
+  restored = ckpts.restore_latest(layout.abstract, train_iter, fallback=cfg.checkpoint_fallback)
+  if restored is None:
+    if cfg.init_required and not cfg.init_from:
       raise ValueError("this config fine-tunes: give --config.init_from=PARAMS_CKPT (a stage-1 export from "
                        "`python -m radfm_jax.export`, or a `python -m radfm_jax.convert` output)")
     state = train_state.init_state(cfg, layout)
     start = 0
   else:
-    logging.info("Resuming from checkpoint %d in %s", start, ckpts.directory)
-    state, data_restored = ckpts.restore(start, layout.abstract, train_iter)
+    start, state, data_restored = restored
+    logging.info("Resumed from checkpoint %d in %s", start, ckpts.directory)
     if not data_restored:
       train_iter = data.train_iterator(seed_offset=start)
   n_train, n_frozen = (metrics_lib.count_params(state["params"]), metrics_lib.count_params(state["frozen"]))
@@ -139,7 +149,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   peak, peak_src = metrics_lib.peak_flops(cfg.model.dtype)
   logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_src)
   timer = StepTimer(peak)
-  limit = int(cfg.get("nonfinite_limit", 10))
+  limit = cfg.nonfinite_limit
   summary: dict[str, Any] = {"start_step": start}
 
   def handle_metrics(step: int, m: Mapping[str, Any], step_flops: float) -> None:
@@ -147,14 +157,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     guard, throughput accounting and logging."""
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     if m["nonfinite"]:
-      logging.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s); update skipped "
-                      "(%d in a row, %d total)", step, m["loss"], m["grad_norm"],
-                      m["nonfinite_consecutive"], m["nonfinite_total"])
+      what = ("update (new parameters or optimizer state)" if m.get("nonfinite_update")
+              else "loss/gradient")
+      logging.warning("step %d: non-finite %s (loss=%s, grad_norm=%s); update skipped (%d in a row, %d "
+                      "total)", step, what, m["loss"], m["grad_norm"], m["nonfinite_consecutive"],
+                      m["nonfinite_total"])
       if m["nonfinite_consecutive"] >= limit:
+        ckpts.wait()
+        last = ckpts.latest_step()
         raise train_step.NonFiniteError(
-            f"{limit} consecutive steps (up to step {step}) had a non-finite loss or gradient; stopping. "
-            f"Their updates were skipped; the last good checkpoint is step {ckpts.latest_step()} in "
-            f"{ckpts.directory}. Lower optim.lr, check the data, or raise nonfinite_limit.")
+            f"{limit} consecutive steps (up to step {step}) had a non-finite {what}; stopping. Their "
+            f"updates were skipped and nothing non-finite was saved; "
+            + (f"the last good checkpoint is step {last} in {ckpts.directory}." if last is not None
+               else f"no checkpoint was saved in {ckpts.directory}.")
+            + " Lower optim.lr, check the data, or raise nonfinite_limit.")
     if step > start + 1:  # the first step compiles: StepTimer.first_step has it
       timer.step(step_flops, m["text_tokens"], m.get("images", 0.0))
     if step % cfg.log_every and step != cfg.total_steps:
@@ -180,12 +196,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (CLU imports TensorFlow)
   hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer.writer,
                                            every_steps=cfg.log_every)]
-  if cfg.get("profile_steps") and jax.process_index() == 0:
+  if cfg.profile_steps and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.profile_steps,
                                           profile_duration_ms=None, every_secs=None,
-                                          first_profile=start + cfg.get("profile_first", 5)))
+                                          first_profile=start + cfg.profile_first))
   preemption = checkpoint_manager.Preemption()  # SIGTERM -> checkpoint at the end of the step, exit
-  step, last_eval, pending, pending_save = start, None, None, False
+  step, last_eval, pending, pending_save, saved = start, None, None, False, None
   try:
     with jax.set_mesh(mesh):  # activation sharding constraints (sharding.constrain) are on while tracing
       while step < cfg.total_steps:
@@ -211,24 +227,46 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
           if not pending_save:
             handle_metrics(*pending)
             pending = None
-            ckpts.save(step, state, train_iter, cfg)
-        if cfg.get("eval_every") and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+            ckpts.save(step, state, train_iter, cfg)  # NonFiniteState rather than saving NaN / inf
+            saved = step
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
           summary["eval"] = run_eval(state, step)
           last_eval = step
         if preempted:
-          logging.warning("Preempted: checkpoint %d saved, exiting.", step)
+          logging.warning("Preempted at step %d: %s; exiting.", step, f"checkpoint {step} saved" if saved == step
+                          else f"not saved (non-finite streak), latest checkpoint {ckpts.latest_step()}")
           summary["preempted"] = True
           break
       if pending is not None:
         handle_metrics(*pending)
       if step == cfg.total_steps and last_eval != step and data.has_eval:
         summary["eval"] = run_eval(state, step)
-  finally:  # also on an exception: finish (or abandon) the async save, flush metrics, restore SIGTERM
-    ckpts.close()
-    writer.close()
-    preemption.restore_handler()
+  except BaseException:  # also on an exception: finish (or abandon) the async save, flush, restore SIGTERM
+    _cleanup(writer, preemption, ckpts, failing=True)
+    raise
+  _cleanup(writer, preemption, ckpts, failing=False)
+  if pending_save:
+    logging.warning("The run ended in a non-finite streak: step %d was not saved; the latest checkpoint is "
+                    "%s in %s", step, ckpts.latest_step(), ckpts.directory)
+  else:
+    logging.info("Training finished at step %d; latest checkpoint %s in %s", step, ckpts.latest_step(),
+                 ckpts.directory)
   summary.update(step=step, state=state)
   return summary
+
+
+def _cleanup(writer, preemption, ckpts, *, failing: bool) -> None:
+  """Flushes metrics, restores the SIGTERM handler and waits for the last async save. A failed save (e.g.
+  disk full) raises CheckpointError, one line, unless another error is already on its way (then it is
+  logged, so that the first error stays the one reported)."""
+  writer.close()
+  preemption.restore_handler()
+  try:
+    ckpts.close()
+  except checkpoint_manager.CheckpointError as e:
+    if not failing:
+      raise
+    logging.error("%s", e)
 
 
 def _batch_flops(cfg, batch: train_step.Batch, towers: Mapping[str, bool]) -> float:

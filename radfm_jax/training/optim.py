@@ -11,6 +11,8 @@ Parameters are addressed by their "/"-joined path in the model's pure-dict param
     lr, warmup_steps, end_lr_ratio   schedule: 0 -> lr over warmup, cosine to lr * end_lr_ratio at total_steps
     b1, b2, eps, weight_decay        AdamW
     clip_norm                        global gradient-norm clipping (0 or None: off)
+
+Defaults: configs/common_train.py (`optim_config`); ranges: radfm_jax.training.config.
 """
 from __future__ import annotations
 
@@ -22,17 +24,6 @@ import ml_collections
 import optax
 
 PyTree = Any
-
-# Norm scales and all biases; token, image-marker and position embeddings; the resampler's latents.
-DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embed", r"(^|/)pos_", r"(^|/)latents$")
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `optim` config section with its defaults (stage configs override fields)."""
-  return ml_collections.ConfigDict(dict(
-      lr=3e-4, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-      clip_norm=1.0, freeze=(), no_decay=DEFAULT_NO_DECAY))
-
 
 def path_str(path: Iterable[Any]) -> str:
   """'a/b/0/kernel' for a jax key path or a tuple of keys."""

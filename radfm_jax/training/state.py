@@ -110,7 +110,7 @@ def init_state(cfg: ml_collections.ConfigDict, layout: Layout) -> State:
   """A fresh sharded train state: parameters from `cfg.init_from` (a params checkpoint: full RadFM or
   LM only) or random init with `cfg.seed`; zero optimizer state."""
   graphdef, model_state = sharding.create_sharded(models.get(models.DEFAULT), cfg.model, layout.mesh, cfg.seed)
-  init_from = cfg.get("init_from")
+  init_from = cfg.init_from
   if init_from:
     model_state = _load_init(init_from, graphdef, model_state)
   params = nnx.to_pure_dict(model_state)

@@ -27,6 +27,7 @@ from radfm_jax import sharding
 from radfm_jax.data import pipeline
 from radfm_jax.models import loss as loss_lib
 from radfm_jax.training import data as train_data
+from radfm_jax.training import config as config_lib
 from radfm_jax.training import optim
 from radfm_jax.training import state as train_state
 
@@ -36,7 +37,7 @@ DEVICE_KEYS = tuple(pipeline.DEVICE_KEYS) + EVAL_KEYS
 
 
 class NonFiniteError(RuntimeError):
-  """K consecutive steps had a non-finite loss or gradient."""
+  """K consecutive steps had a non-finite loss, gradient or update (new parameters / optimizer state)."""
 
 
 # ====================================================================================================
@@ -71,12 +72,17 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
   """`step(state, batch) -> (state, metrics)`: one optimizer step on the global batch, with gradient
   accumulation over `cfg.microbatches` (lax.scan) and the non-finite guard. Not jitted (see `jit_step`).
 
+  Non-finite guard: when the loss, the gradient norm, or any updated parameter or optimizer-state value
+  is NaN or infinite, the step keeps the old parameters and optimizer state (the step counter advances)
+  and counts as non-finite (metrics `nonfinite`, `nonfinite_update` for a finite gradient whose update
+  is not, e.g. optim.lr overflowing); such a state is never counted as fine, hence never saved.
+
   The loss is the mean over all answer tokens of the global batch, so any microbatch split gives the
   same gradient (up to float summation order). Dropout masks come from `dropout_key(cfg.seed, step,
   microbatch)`: no RNG lives in the state, and a resumed run reproduces every loss.
   """
-  vocab, n_micro = cfg.model.vocab_size, int(cfg.get("microbatches", 1))
-  seed = int(cfg.get("seed", 0))
+  vocab, n_micro = cfg.model.vocab_size, int(cfg.microbatches)
+  seed = int(cfg.seed)
   lr_schedule = optim.schedule(cfg.optim, cfg.total_steps)
 
   def loss_sum(params, frozen, mb, key):
@@ -112,13 +118,16 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
     loss = lsum / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(_):
       updates, opt_state = layout.tx.update(grads, state["opt_state"], params)
       return optax.apply_updates(params, updates), opt_state
 
-    new_params, new_opt = jax.lax.cond(ok, apply, lambda _: (params, state["opt_state"]), None)
+    old = (params, state["opt_state"])
+    cand = jax.lax.cond(grads_ok, apply, lambda _: old, None)
+    ok = grads_ok & _all_finite(cand)
+    new_params, new_opt = jax.tree.map(lambda n, o: jnp.where(ok, n, o), cand, old)
     guard = state["guard"]
     new_state = {
         "step": state["step"] + 1, "params": new_params, "frozen": frozen, "opt_state": new_opt,
@@ -128,6 +137,7 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
     out = {"loss": loss, "token_accuracy": aux["correct"] / denom, "grad_norm": grad_norm,
            "param_norm": optax.tree.norm(new_params), "learning_rate": lr_schedule(state["step"]),
            "loss_tokens": n_tok, "text_tokens": text.sum(), "nonfinite": (~ok).astype(jnp.int32),
+           "nonfinite_update": (grads_ok & ~ok).astype(jnp.int32),
            "nonfinite_consecutive": new_state["guard"]["consecutive"],
            "nonfinite_total": new_state["guard"]["total"]}
     if "image_mask" in batch:
@@ -135,6 +145,12 @@ def make_train_step(layout: train_state.Layout, cfg: ml_collections.ConfigDict) 
     return new_state, out
 
   return step
+
+
+def _all_finite(tree) -> jax.Array:
+  """True when every float leaf of `tree` holds only finite values."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def batch_shardings(batch: Batch, mesh) -> dict:
@@ -163,17 +179,9 @@ def abstract_batch(cfg: ml_collections.ConfigDict, mesh, bucket: train_data.Buck
 
 
 def check_config(cfg: ml_collections.ConfigDict, mesh) -> None:
-  """Raises ValueError when the config cannot run on `mesh` (missing keys, batch not divisible)."""
-  for key in ("seed", "total_steps", "log_every", "checkpoint_every", "optim", "model", "mesh", "data"):
-    if key not in cfg:
-      raise ValueError(f"config has no top-level `{key}` (see configs/common_train.py)")
-  n_micro = int(cfg.get("microbatches", 1))
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for name in ("batch_size", "batch_size_3d"):
-    b = int(cfg.data.get(name) or cfg.data.batch_size)
-    if n_micro < 1 or b % n_micro or (b // n_micro) % shards:
-      raise ValueError(f"data.{name}={b} must split into microbatches={n_micro} microbatches whose size "
-                       f"is a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
+  """Raises ValueError naming every bad key when the config cannot run on `mesh` (`training.config`:
+  missing / unknown / out-of-range keys, batch sizes not divisible into microbatches and batch shards)."""
+  config_lib.validate(cfg, dict(mesh.shape))
 
 
 def to_global(host_batch: Batch, mesh) -> dict:
