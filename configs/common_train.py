@@ -5,9 +5,12 @@
 
 Scripts rely on `seed`, `total_steps`, `log_every`, `checkpoint_every`; all keys are overridable with
 --config.key=value (e.g. --config.optim.lr=1e-4 --config.optim.freeze='("^lm/",)').
+LoRA (radfm_jax.models.lora): --config.lora.rank=8 (0 = off) trains adapters on `lora.targets` (default:
+the LM's q/k/v/o/gate/up/down) with everything else frozen, e.g. configs/radmd_lora.py.
 """
 import ml_collections
 
+from radfm_jax.models import lora
 from radfm_jax.training import optim
 
 
@@ -26,6 +29,7 @@ def add_train_config(c: ml_collections.ConfigDict, *, optim_overrides=None, **ov
   c.profile_steps = 0         # >0: profile this many steps (TensorBoard trace in the workdir)
   c.profile_first = 5         # ... starting this many steps after the (re)start
   c.optim = optim.default_config()
+  c.lora = lora.default_config()  # rank, alpha, dropout, targets, train, base_dtype, init_adapters
   for k, v in (optim_overrides or {}).items():
     c.optim[k] = v
   for k, v in overrides.items():

@@ -21,7 +21,7 @@ import optax
 
 from radfm_jax import sharding
 from radfm_jax.data import pipeline
-from radfm_jax.models import radfm
+from radfm_jax.models import lora, radfm
 from radfm_jax.training import optim
 from radfm_jax.training import state as train_state
 
@@ -50,8 +50,11 @@ def dropout_key(seed: int, step: jax.Array | int, microbatch: jax.Array | int = 
 
 def _forward(layout: train_state.Layout, params, frozen, batch: Batch,
              key: jax.Array | None = None) -> jax.Array:
-  """Logits; dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training)."""
+  """Logits; dropout (cfg.model.vision.dropout/emb_dropout, lora.dropout) only when a key is given
+  (training)."""
   model = layout.model(params, frozen)
+  if key is not None:
+    lora.set_dropout_keys(model, jax.random.fold_in(key, 1))
   return model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
                positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key)
 
