@@ -42,8 +42,9 @@ from flax import nnx
 
 from radfm_jax.models import layers
 
-# The LM's attention and MLP projections (Hugging Face PEFT's usual q/k/v/o + gate/up/down).
-LM_TARGETS = (r"^lm/blocks/(q|k|v|o|gate|up|down)/kernel$",)
+# The LM's attention and MLP projections (Hugging Face PEFT's usual q/k/v/o + gate/up/down), in a RadFM
+# (lm/blocks/...) or an LM-only model (blocks/...).
+LM_TARGETS = (r"^(lm/)?blocks/(q|k|v|o|gate|up|down)/kernel$",)
 ADAPTER_RE = r"(^|/)lora/(a|b)$"
 _ADAPTER = re.compile(ADAPTER_RE)
 
