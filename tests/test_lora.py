@@ -1,6 +1,11 @@
 """LoRA (radfm_jax.models.lora): adapters on scanned layers, sharded init, the frozen base in bf16 with
 optimizer state for adapters only, exact resume, merge equivalence (logits and greedy generation),
-adapters-only export loaded on top of the base, dropout keys."""
+adapters-only export loaded on top of the base (library and CLI), dropout keys."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -213,3 +218,27 @@ def test_merge_and_adapters_only_exports(lora_run, tmp_path):
     g_full = np.asarray(decoding.generate(full, prompt, mask, max_new_tokens=12, eos_id=-1))
     g_merged = np.asarray(decoding.generate(merged, prompt, mask, max_new_tokens=12, eos_id=-1))
   np.testing.assert_array_equal(g_full, g_merged)
+
+
+def test_cli_export_adapters_only_then_generate_on_the_base(lora_run, tmp_path):
+  """`python -m radfm_jax.export --adapters_only` + `python -m radfm_jax.generate --checkpoint=BASE
+  --adapters=DIR` give the greedy tokens of the full LoRA export loaded in process."""
+  r = lora_run
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  dst = str(tmp_path / "adapters")
+  res = subprocess.run([sys.executable, "-m", "radfm_jax.export", f"--workdir={r['workdir']}", f"--dst={dst}",
+                        "--adapters_only"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  ids = [1, 17, 42, 5, 9, 33]
+  res = subprocess.run([sys.executable, "-m", "radfm_jax.generate", f"--checkpoint={r['base_dir']}",
+                        f"--adapters={dst}", "--token_ids=" + ",".join(map(str, ids)), "--max_new_tokens=10",
+                        "--eos_id=-1", "--mesh=1,1,1"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  got = json.loads(res.stdout.strip().splitlines()[-1])["ids"]
+  model, _ = checkpoint.load_model(r["base_dir"], r["mesh"], adapters=dst)
+  prompt = np.asarray([ids] * 8, np.int32)
+  with jax.set_mesh(r["mesh"]):
+    want = np.asarray(decoding.generate(model, prompt, np.ones_like(prompt, bool), max_new_tokens=10, eos_id=-1))
+  assert got == want[0].tolist()

@@ -12,6 +12,9 @@
 module inside jit from pure dicts), the optimizer, and the shardings of every leaf for the current mesh.
 Parameters and optimizer state are created directly in their sharded layout (never whole on one device):
 the model by `sharding.create_sharded`, Adam moments by a jit with `out_shardings`.
+
+LoRA (`cfg.lora.rank > 0`, radfm_jax.models.lora): the model is built with its adapters; "params" holds the
+adapter factors (+ `lora.train` matches), "frozen" everything else, optionally in `lora.base_dtype`.
 """
 from __future__ import annotations
 
