@@ -180,7 +180,7 @@ def test_dropout_only_with_keys_and_remat_gives_the_same_gradients():
         assert not np.allclose(np.asarray(f(st["params"], k1)), np.asarray(f(st["params"], k2)))
         np.testing.assert_array_equal(np.asarray(f(st["params"], k1)), np.asarray(f(st["params"], k1)))
   for a, b_ in zip(jax.tree.leaves(outs["none"]), jax.tree.leaves(outs["full"])):
-    np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6)  # same masks; float summation order only
 
 
 def test_merge_and_adapters_only_exports(lora_run, tmp_path):
