@@ -202,6 +202,12 @@ def test_merge_and_adapters_only_exports(lora_run, tmp_path):
   assert n_ad < 0.05 * n_all
   with pytest.raises(ValueError, match="adapters only"):
     checkpoint.load_model(out["adapters_only"], mesh)
+  # lora.init_adapters starts a new run from them (on the same base).
+  c2 = ml_collections.ConfigDict(r["cfg"].to_dict())
+  c2.lora.init_adapters = out["adapters_only"]
+  again = train_state.init_state(c2, train_state.make_layout(c2, mesh))
+  for a, b_ in zip(jax.tree.leaves(again["params"]), jax.tree.leaves(r["straight"]["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
 
   b = synthetic_batch(r["cfg"], 8, seed=11, seq_len=40, slots=1)
   args = (jnp.asarray(b["inputs"]), jnp.asarray(b["images"]), jnp.asarray(b["image_mask"]))
