@@ -8,8 +8,12 @@ library reads cfg.x and never repeats them. What each value must be (type, range
 anything heavy starts, by radfm_jax.training.config.validate (a test checks both name the same keys).
 All keys are overridable with --config.key=value (e.g. --config.optim.lr=1e-4
 --config.optim.freeze='("^lm/",)').
+LoRA (radfm_jax.models.lora): --config.lora.rank=8 (0 = off) trains adapters on `lora.targets` (default:
+the LM's q/k/v/o/gate/up/down) with everything else frozen, e.g. configs/radmd_lora.py.
 """
 import ml_collections
+
+from radfm_jax.models import lora
 
 # Norm scales and all biases; token, image-marker and position embeddings; the resampler's latents.
 NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embed", r"(^|/)pos_", r"(^|/)latents$")
@@ -50,6 +54,7 @@ def add_train_config(c: ml_collections.ConfigDict, *, optim_overrides=None, **ov
   c.compilation_cache = "auto"  # JAX persistent compilation cache: a path, "auto" (WORKDIR/compile_cache
                                 # on TPU/GPU, off on CPU) or "" (off); a restarted job skips recompiling
   c.optim = optim_config(**(optim_overrides or {}))
+  c.lora = lora.default_config()  # rank 0 = off; defaults in radfm_jax.models.lora (the PEFT importer uses them too)
   for k, v in overrides.items():
     c[k] = v
   return c

@@ -18,6 +18,12 @@ names an existing file is copied into the checkpoint with its sha256; `load_conf
 the copy (the original path is kept under "tokenizer" in radfm_jax.json) after checking that the recorded
 name stays inside the checkpoint and that the copy still matches its sha256 (`tokenizer_file`).
 
+LoRA (radfm_jax.models.lora): a config with `lora.rank > 0` builds the model with its adapters, so a
+checkpoint holding `.../lora/a|b` restores as is (generation runs with the adapters on). An
+*adapters-only* checkpoint (`extra.adapters_only`, written by `python -m radfm_jax.export --adapters_only`
+or `convert --from=peft-lora`) holds just the trained parameters: `load_model(BASE, adapters=DIR)` builds
+the base checkpoint's model with DIR's adapters, restores BASE, then DIR on top (`restore_subset`).
+
 Restoring is always against an abstract state carrying the *current* mesh's shardings (from
 `radfm_jax.sharding`), so each device reads only its shards and a checkpoint written on one mesh
 restores onto another. `dtype` casts parameters while restoring (e.g. bfloat16 for inference).
@@ -39,6 +45,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from radfm_jax import models, paths, sharding
+from radfm_jax.models import lora
 
 FORMAT = "radfm_jax.params/1"
 META_FILE = "radfm_jax.json"
@@ -281,7 +288,7 @@ def abstract_model(cfg: Any, model_class: str = "radfm", mesh: jax.sharding.Mesh
                    ) -> nnx.Module:
   """The model with `jax.ShapeDtypeStruct` params (no allocation), carrying `mesh`'s shardings."""
   cfg = _full_config(cfg)
-  cls = models.get(model_class)
+  cls = lora.wrap(models.get(model_class), cfg)  # with adapters when cfg.lora.rank > 0
   if mesh is None:
     return nnx.eval_shape(lambda: cls(cfg.model, rngs=nnx.Rngs(0)))
   return sharding.abstract_sharded(lambda: cls(cfg.model, rngs=nnx.Rngs(0)), mesh)
@@ -328,17 +335,25 @@ def _restore_into(ckpt_dir: str, abstract_state: nnx.State) -> nnx.State:
 
 
 def load_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, dtype: Any = None, *,
-               model_class: str | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+               model_class: str | None = None, adapters: str | None = None
+               ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
   """(model, cfg) from a checkpoint.
 
   Params are restored straight onto `mesh` by the sharding rules (each device reads its shards; default
   device when mesh is None) and cast to `dtype` when given (cfg.model.param_dtype is updated to match).
   `model_class="radfm"` on an LM-only ("llama") checkpoint builds a RadFM whose LM is the checkpoint's
   and whose vision tower, resampler, fc and image markers are freshly initialised (seed cfg.seed).
+  `adapters`: an adapters-only checkpoint trained on this base: the model gets its LoRA config and
+  parameters on top of the base's.
   """
   ckpt_dir = paths.absolute(ckpt_dir)
   meta = read_meta(ckpt_dir)
+  if meta.get("extra", {}).get("adapters_only"):
+    raise ValueError(f"{ckpt_dir} holds adapters only; load it on top of its base checkpoint "
+                     f"(load_model(BASE, adapters=DIR), `generate --checkpoint=BASE --adapters=DIR`)")
   cfg = load_config(ckpt_dir)
+  if adapters:
+    return _load_with_adapters(ckpt_dir, cfg, adapters, mesh, dtype, model_class)
   if dtype is not None:
     cfg.model.param_dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
   saved_class = meta["model_class"]
@@ -356,6 +371,35 @@ def load_model(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, dtype: Any 
   return nnx.merge(graphdef, params, rest), cfg
 
 
+def _load_with_adapters(ckpt_dir: str, cfg: ml_collections.ConfigDict, adapters: str,
+                        mesh: jax.sharding.Mesh | None, dtype: Any, model_class: str | None
+                        ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+  adapters = os.path.abspath(adapters)
+  ad_meta = read_meta(adapters)
+  if not ad_meta.get("extra", {}).get("adapters_only"):
+    raise ValueError(f"--adapters={adapters} is not an adapters-only checkpoint (no extra.adapters_only)")
+  ad_cfg = ml_collections.ConfigDict(ad_meta["config"])
+  if lora.section(ad_cfg) is None:
+    raise ValueError(f"{adapters}: its config has no lora section with rank > 0")
+  base_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  base_cfg.lora = ad_cfg.lora
+  base_cfg.lora.init_adapters = ""
+  if dtype is not None:
+    base_cfg.model.param_dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  cls_name = model_class or ad_meta["model_class"]
+  if mesh is None:
+    model = lora.wrap(models.get(cls_name), base_cfg)(base_cfg.model, rngs=nnx.Rngs(0))
+  else:
+    model = nnx.merge(*sharding.create_sharded(lora.wrap(models.get(cls_name), base_cfg), base_cfg.model, mesh))
+  base_meta = read_meta(ckpt_dir)
+  if (base_meta["model_class"], cls_name) == ("llama", "radfm"):
+    restore_params(ckpt_dir, model.lm)
+  else:
+    restore_params(ckpt_dir, model)
+  restore_subset(adapters, model)
+  return model, base_cfg
+
+
 def _radfm_from_lm(ckpt_dir: str, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
                    ) -> nnx.Module:
   missing = [k for k in ("vision", "resampler", "max_images", "tokens_per_image") if k not in cfg.model]
@@ -365,18 +409,48 @@ def _radfm_from_lm(ckpt_dir: str, cfg: ml_collections.ConfigDict, mesh: jax.shar
                      "it as a RadFM")
   seed = int(cfg.get("seed", 0))
   if mesh is None:
-    model = models.get("radfm")(cfg.model, rngs=nnx.Rngs(seed))
+    model = lora.wrap(models.get("radfm"), cfg)(cfg.model, rngs=nnx.Rngs(seed))
   else:
-    model = nnx.merge(*sharding.create_sharded(models.get("radfm"), cfg.model, mesh, seed))
+    model = nnx.merge(*sharding.create_sharded(lora.wrap(models.get("radfm"), cfg), cfg.model, mesh, seed))
   restore_params(ckpt_dir, model.lm)
   return model
 
 
 def restore_params(ckpt_dir: str, module: nnx.Module) -> nnx.Module:
   """Overwrites `module`'s params in place with the checkpoint's, keeping each param's sharding and
-  dtype (e.g. an LM-only checkpoint into `radfm_model.lm`). Returns the module."""
-  state = nnx.state(module, nnx.Param)
+  dtype (e.g. an LM-only checkpoint into `radfm_model.lm`). Returns the module. A checkpoint without
+  LoRA adapters restores into a module with adapters: they keep their values (a base for LoRA)."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  has_adapters = any(lora.is_adapter(p) for p in param_metadata(ckpt_dir))
+  state = nnx.state(module, nnx.Param if has_adapters else nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
   nnx.update(module, _restore_into(paths.absolute(ckpt_dir), abstract))
+  return module
+
+
+def restore_subset(ckpt_dir: str, module: nnx.Module) -> nnx.Module:
+  """Overwrites the params of `module` that the checkpoint holds (e.g. an adapters-only checkpoint:
+  adapters + any other trained params), keeping shardings and dtypes; the rest stay. Every saved param
+  must exist in the module with the same shape."""
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  saved = param_metadata(ckpt_dir)
+  state = nnx.state(module, nnx.Param)
+  flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+  missing = sorted(set(saved) - set(flat))
+  if missing:
+    raise ValueError(f"{ckpt_dir}: parameters {missing[:10]} do not exist in the model (different LoRA "
+                     f"targets or model config?)")
+  bad = [f"{k}: checkpoint {tuple(m.shape)} vs model {tuple(flat[k].shape)}" for k, m in saved.items()
+         if tuple(m.shape) != tuple(flat[k].shape)]
+  if bad:
+    raise ValueError(f"{ckpt_dir}: shape mismatch: {bad[:10]}")
+  target = flat_to_nested({k: jax.ShapeDtypeStruct(flat[k].shape, flat[k].get_value().dtype,
+                                                   sharding=getattr(flat[k].get_value(), "sharding", None))
+                           for k in saved})
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = nested_to_flat(ckptr.restore(os.path.join(ckpt_dir, PARAMS_DIR), target))
+  for k, v in restored.items():
+    flat[k].set_value(v)
+  nnx.update(module, state)
   return module

@@ -5,6 +5,11 @@
 Writes the parameters of the latest (or the given) train checkpoint as a params checkpoint
 (`radfm_jax.training.export`): `radfm_jax.generate --checkpoint=DST` and `eval.radbench --checkpoint=DST`
 read it.
+
+LoRA runs: --merge_lora writes plain params (adapters folded into the weights); --adapters_only writes
+just the trained parameters (adapters + lora.train ones), loaded on top of the base checkpoint with
+`python -m radfm_jax.generate --checkpoint=BASE --adapters=DST`. Without either flag the adapters are
+kept as they are (the checkpoint loads with adapters on).
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   distributed.initialize()
   f = flags.FLAGS
-  print(export.export(f.workdir, f.dst, f.step, f.overwrite))
+  if f.merge_lora and f.adapters_only:
+    raise app.UsageError("give at most one of --merge_lora, --adapters_only")
+  mode = "merge_lora" if f.merge_lora else "adapters_only" if f.adapters_only else "full"
+  print(export.export(f.workdir, f.dst, f.step, f.overwrite, mode=mode))
 
 
 def run() -> None:
@@ -32,6 +40,8 @@ def run() -> None:
   flags.DEFINE_string("dst", None, "Destination params checkpoint directory.", required=True)
   flags.DEFINE_integer("step", None, "Step to export (default: the latest).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
+  flags.DEFINE_bool("merge_lora", False, "LoRA run: fold the adapters into the weights (plain params).")
+  flags.DEFINE_bool("adapters_only", False, "LoRA run: write only the trained parameters (adapters).")
   distributed.define_flags()
   app.run(main)
 

@@ -33,6 +33,8 @@ from radfm_jax.inference.decoding import generate, row_keys, trim
 
 def _define_flags():
   flags.DEFINE_string("checkpoint", None, "checkpoint directory (records its model config and tokenizer)")
+  flags.DEFINE_string("adapters", None, "an adapters-only LoRA checkpoint (python -m radfm_jax.export "
+                      "--adapters_only) to apply on top of --checkpoint")
   flags.DEFINE_string("prompt", None, "a text prompt; images go at its start unless it holds --image_marker")
   flags.DEFINE_multi_string("image", [], "an image for --prompt (or --token_ids), repeatable: NIfTI, DICOM "
                             "file or folder, PNG/JPEG, .npy; path#index picks a scan of a multi-scan file")
@@ -80,7 +82,7 @@ def main(argv) -> int:
     raise ValueError("--prompt is empty")
   distributed.initialize()
   mesh = sharding.inference_mesh(checkpoint.load_config(f.checkpoint).get("mesh"), f.mesh)
-  model, cfg = checkpoint.load_model(f.checkpoint, mesh, dtype=f.param_dtype or None)
+  model, cfg = checkpoint.load_model(f.checkpoint, mesh, dtype=f.param_dtype or None, adapters=f.adapters)
   sampling = dict(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
   if f.token_ids is not None:
     prompt, mask, images, image_mask = build_inputs(cfg, f)

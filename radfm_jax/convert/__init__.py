@@ -5,6 +5,8 @@
   python -m radfm_jax.convert --from=radfm-torch --src=pytorch_model.bin --config=configs/radfm_13b.py \
       --dst=CKPT [--dtype=bfloat16]
   python -m radfm_jax.convert --to=radfm-torch --src=CKPT --dst=radfm_torch.bin
+  python -m radfm_jax.convert --to=peft-lora --src=CKPT_WITH_ADAPTERS --dst=PEFT_DIR       (LM LoRA)
+  python -m radfm_jax.convert --from=peft-lora --src=PEFT_DIR --base=BASE_CKPT --dst=ADAPTERS_CKPT
   add --dry_run to an import to check every key and shape against the config without converting.
 
 Every source key is converted or on the layout's dropped list (else an error lists it); a missing key
@@ -15,7 +17,8 @@ LM-only checkpoints ("llama", from Hugging Face) load as `Llama`; see radfm_jax.
 them as the LM of a RadFM.
 
 Modules: sources (lazy torch/safetensors readers), mapping (key tables and the tensor-by-tensor
-engine), hf_llama and radfm_torch (the two layouts), common (checkpoint glue and writers).
+engine), hf_llama and radfm_torch (the two layouts), peft_lora (LM LoRA adapters <-> Hugging Face
+PEFT), common (checkpoint glue and writers).
 """
 from radfm_jax.convert.hf_llama import export_hf_llama, import_hf_llama
 from radfm_jax.convert.mapping import Layout, Report, Rule, export_params, import_params

@@ -5,13 +5,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from radfm_jax import convert
-from radfm_jax.convert import common, hf_llama, radfm_torch, sources
+from radfm_jax.convert import common, hf_llama, peft_lora, radfm_torch, sources
 
-FORMATS = ("hf-llama", "radfm-torch")
+FORMATS = ("hf-llama", "radfm-torch", "peft-lora")
 flags.DEFINE_enum("from", None, FORMATS, "import this format into our checkpoint at --dst")
 flags.DEFINE_enum("to", None, FORMATS, "export our checkpoint at --src to this format")
 flags.DEFINE_string("src", None, "source: HF model dir | RadFM pytorch_model.bin | our checkpoint dir")
 flags.DEFINE_string("dst", None, "destination: our checkpoint dir | HF model dir | torch .bin file")
+flags.DEFINE_string("base", None, "--from=peft-lora: the base checkpoint the adapters belong to")
 config_flags.DEFINE_config_file("config", None, "model config (required for --from=radfm-torch; "
                                 "for --from=hf-llama it supplies all but the LM, whose dims come from "
                                 "config.json)", lock_config=False)
@@ -41,6 +42,18 @@ def main(argv):
   if not FLAGS.src or not FLAGS.dst:
     raise app.UsageError("--src and --dst are required")
   cfg = FLAGS.config
+  if "peft-lora" in (src_fmt, dst_fmt):
+    if FLAGS.dry_run:
+      raise app.UsageError("--dry_run checks hf-llama / radfm-torch imports")
+    if dst_fmt:
+      keys = peft_lora.export_peft(FLAGS.src, FLAGS.dst)
+      print(f"wrote {FLAGS.dst}: {peft_lora.CONFIG_FILE}, {peft_lora.WEIGHTS_FILE} ({len(keys)} tensors)")
+    else:
+      if not FLAGS.base:
+        raise app.UsageError("--from=peft-lora needs --base=CKPT (the checkpoint the adapters belong to)")
+      paths = peft_lora.import_peft(FLAGS.src, FLAGS.base, FLAGS.dst, overwrite=FLAGS.overwrite)
+      print(f"wrote {FLAGS.dst}: adapters-only checkpoint ({len(paths)} params) for {FLAGS.base}")
+    return
   if FLAGS.dry_run:
     if src_fmt is None:
       raise app.UsageError("--dry_run checks an import (--from=...)")

@@ -96,6 +96,7 @@ class Dense(nnx.Module):
     self.bias = (param(rngs, nnx.initializers.zeros, self.out_features, axes[n_in:], param_dtype)
                  if use_bias else None)
     self.dtype = dtype_of(dtype)
+    self.lora = None  # an optional low-rank adapter (radfm_jax.models.lora.Adapter)
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     n_in = len(self.in_features)
@@ -109,6 +110,8 @@ class Dense(nnx.Module):
                               preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
+    if self.lora is not None:
+      y = y + self.lora(x)
     return y.astype(out_dtype or self.dtype)
 
 

@@ -132,6 +132,8 @@ TRAIN: dict[str, Any] = {
     "init_required": boolean,
     "profile_steps": integer(0),
     "profile_first": integer(0),
+    "tensorboard_dir": string,
+    "compilation_cache": string,
 }
 OPTIM: dict[str, Any] = {
     "lr": number(0, lo_open=True),
@@ -175,11 +177,21 @@ DATA: dict[str, Any] = {
     "read_threads": integer(1),
     "prefetch": integer(0),
     "on_corrupt": one_of("skip", "fail"),
+    "image_dtype": one_of("float32", "uint16", "uint8"),
     "demo": anything,           # optional: the demo store to build on first use (configs/demo_store.py)
 }
 OPTIONAL = {"data.demo"}   # keys some configs add and others leave out
 MESH = {"data": _mesh_axis, "fsdp": _mesh_axis, "tensor": _mesh_axis}
-SCHEMA: dict[str, Any] = {**TRAIN, "optim": OPTIM, "data": DATA, "mesh": MESH, "model": anything}
+LORA: dict[str, Any] = {
+    "rank": integer(0),
+    "alpha": number(0, lo_open=True),
+    "dropout": number(0, 1, hi_open=True),
+    "targets": strings,
+    "train": strings,
+    "base_dtype": string,
+    "init_adapters": string,
+}
+SCHEMA: dict[str, Any] = {**TRAIN, "optim": OPTIM, "data": DATA, "mesh": MESH, "lora": LORA, "model": anything}
 
 
 def schema_keys(schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> set[str]:

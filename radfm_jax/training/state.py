@@ -12,6 +12,9 @@
 module inside jit from pure dicts), the optimizer, and the shardings of every leaf for the current mesh.
 Parameters and optimizer state are created directly in their sharded layout (never whole on one device):
 the model by `sharding.create_sharded`, Adam moments by a jit with `out_shardings`.
+
+LoRA (`cfg.lora.rank > 0`, radfm_jax.models.lora): the model is built with its adapters; "params" holds the
+adapter factors (+ `lora.train` matches), "frozen" everything else, optionally in `lora.base_dtype`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from radfm_jax import checkpoint, models, sharding
+from radfm_jax.models import lora
 from radfm_jax.training import optim
 
 State = dict[str, Any]
@@ -80,7 +84,7 @@ class Layout:
 
 def make_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
   """Abstract train state + shardings for `cfg` on `mesh`; allocates nothing."""
-  model_cls = models.get(models.DEFAULT)
+  model_cls = lora.wrap(models.get(models.DEFAULT), cfg)  # + adapters when cfg.lora.rank > 0
   abstract_module = nnx.eval_shape(lambda: model_cls(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, abs_model = nnx.split(abstract_module)
   non_params = [p for p, v in nnx.to_flat_state(abs_model) if not isinstance(v, nnx.Param)]
@@ -88,8 +92,10 @@ def make_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
     raise ValueError(f"the model holds non-parameter state the trainer does not handle: {non_params[:5]}")
   abs_params = nnx.to_pure_dict(abs_model)
   param_sh = nnx.to_pure_dict(sharding.state_shardings(abs_model, mesh))
-  freeze = tuple(cfg.optim.freeze or ())
+  freeze = lora.freeze_patterns(cfg)  # optim.freeze (+ all but the adapters with LoRA on)
   abs_train, abs_frozen = split_params(abs_params, freeze)
+  if lora.base_dtype(cfg) is not None:
+    abs_frozen = lora.cast_floating(abs_frozen, lora.base_dtype(cfg))
   sh_train, sh_frozen = split_params(param_sh, freeze)
   tx = optim.make(cfg.optim, cfg.total_steps)
   abs_opt = jax.eval_shape(tx.init, abs_train)
@@ -109,12 +115,21 @@ def make_layout(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Layout:
 def init_state(cfg: ml_collections.ConfigDict, layout: Layout) -> State:
   """A fresh sharded train state: parameters from `cfg.init_from` (a params checkpoint: full RadFM or
   LM only) or random init with `cfg.seed`; zero optimizer state."""
-  graphdef, model_state = sharding.create_sharded(models.get(models.DEFAULT), cfg.model, layout.mesh, cfg.seed)
+  graphdef, model_state = sharding.create_sharded(lora.wrap(models.get(models.DEFAULT), cfg), cfg.model,
+                                                  layout.mesh, cfg.seed)
   init_from = cfg.init_from
   if init_from:
     model_state = _load_init(init_from, graphdef, model_state)
+  if lora.section(cfg) is not None and cfg.lora.get("init_adapters"):
+    logging.info("Adapters (and lora.train params) from %s", cfg.lora.init_adapters)
+    model = nnx.merge(graphdef, model_state)
+    checkpoint.restore_subset(cfg.lora.init_adapters, model)
+    model_state = nnx.state(model)
   params = nnx.to_pure_dict(model_state)
   train, frozen = split_params(params, layout.freeze)
+  if lora.base_dtype(cfg) is not None:  # frozen base weights held in e.g. bfloat16
+    frozen = jax.jit(lambda t: lora.cast_floating(t, lora.base_dtype(cfg)),
+                     out_shardings=layout.shardings["frozen"], donate_argnums=0)(frozen)
   opt_state = jax.jit(layout.tx.init, out_shardings=layout.shardings["opt_state"])(train)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(layout.mesh))
   return {"step": zero(), "params": train, "frozen": frozen, "opt_state": opt_state,

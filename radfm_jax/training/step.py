@@ -28,6 +28,7 @@ from radfm_jax.data import pipeline
 from radfm_jax.models import loss as loss_lib
 from radfm_jax.training import data as train_data
 from radfm_jax.training import config as config_lib
+from radfm_jax.models import lora
 from radfm_jax.training import optim
 from radfm_jax.training import state as train_state
 
@@ -57,10 +58,13 @@ def dropout_key(seed: int, step: jax.Array | int, microbatch: jax.Array | int = 
 def _hidden(layout: train_state.Layout, params, frozen, batch: Batch,
             key: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """(LM hidden states [B, T, E], the LM) for the chunked loss (models/loss.py: the [B, T, V] logits
-  never exist whole); dropout (cfg.model.vision.dropout/emb_dropout) only when a key is given (training).
+  never exist whole); dropout (cfg.model.vision.dropout/emb_dropout, lora.dropout) only when a key is
+  given (training).
   Traced under the layout's mesh (`sharding.activation_mesh`): the activation constraints are on in
   every program that calls it (train step, eval step, demo scoring), wherever it is traced."""
   model = layout.model(params, frozen)
+  if key is not None:
+    lora.set_dropout_keys(model, jax.random.fold_in(key, 1))
   with sharding.activation_mesh(layout.mesh):
     hidden = model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
                    positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key,
