@@ -54,9 +54,9 @@ def buckets(cfg: ml_collections.ConfigDict, *, largest_only: bool = False) -> li
   them, so these bound every other shape: the 2D group and the deepest 3D group)."""
   d = cfg.data
   spec = preprocess.ImageSpec.from_config(d)
-  # pipeline._buckets: the same normalisation the pipeline applies (values below top, plus top).
-  lengths = pipeline._buckets(d.get("len_buckets"), int(d.max_len), "len_buckets")  # pylint: disable=protected-access
-  slots = pipeline._buckets(d.get("slot_buckets"), max(int(cfg.model.max_images), 1), "slot_buckets")  # pylint: disable=protected-access
+  # collate.buckets: the same normalisation the pipeline applies (values below top, plus top).
+  lengths = collate.buckets(d.get("len_buckets"), int(d.max_len), "len_buckets")
+  slots = collate.buckets(d.get("slot_buckets"), max(int(cfg.model.max_images), 1), "slot_buckets")
   groups = [0] + list(spec.depth_buckets)
   if largest_only:
     groups = [0, spec.depth_buckets[-1]]
