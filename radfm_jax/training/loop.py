@@ -118,7 +118,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     start = 0
   else:
     start, state, data_restored = restored
-    logging.info("Resumed from checkpoint %d in %s", start, ckpts.directory)
+    logging.info("Resuming from checkpoint %d in %s", start, ckpts.directory)
     if not data_restored:
       train_iter = data.train_iterator(seed_offset=start)
   n_train, n_frozen = (metrics_lib.count_params(state["params"]), metrics_lib.count_params(state["frozen"]))
@@ -233,8 +233,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
           summary["eval"] = run_eval(state, step)
           last_eval = step
         if preempted:
-          logging.warning("Preempted at step %d: %s; exiting.", step, f"checkpoint {step} saved" if saved == step
-                          else f"not saved (non-finite streak), latest checkpoint {ckpts.latest_step()}")
+          if saved == step:
+            logging.warning("Preempted: checkpoint %d saved, exiting.", step)
+          else:
+            logging.warning("Preempted at step %d: not saved (non-finite streak); latest checkpoint %s; "
+                            "exiting.", step, ckpts.latest_step())
           summary["preempted"] = True
           break
       if pending is not None:
