@@ -22,10 +22,12 @@ Schedule (our choice): 5k steps x 64 samples (32 in 3D batches; 4 microbatches),
 Per-chip memory (analytic, not compiled): 13B frozen bf16 weights 26.2 GB + trainable params, moments
 and gradients 1.7 GB = 27.8 GB of state, fsdp over v5p-8's 4 chips -> ~7 GB/chip (v6e-8, 8 chips: ~3.5
 GB/chip), the rest of the HBM (v5p 95 GB, v6e 32 GB per chip) for activations (remat "full").
-TODO(planner, radfm_jax.aot not on main when this was written): the compiled per-chip peak from
-  JAX_PLATFORMS=cpu python -m radfm_jax.aot --config=configs/radmd_lora.py:13b --topology=v5p-8
-  JAX_PLATFORMS=cpu python -m radfm_jax.aot --config=configs/radmd_lora.py:13b --topology=v6e-8
-  (and :1b) goes here and in README "Fine-tuning (LoRA)".
+Planner (compiled for TPU from this CPU box: `JAX_PLATFORMS=cpu python -m radfm_jax.aot
+--config=configs/radmd_lora.py:13b --topology=v5p-8 --programs=train --groups=0`, 2D batch at the largest
+bucket, 16 rows x 2048 tokens x 10 image slots per microbatch): 13B on v5p-8 FITS at 26.4 GiB/chip (peak +
+args; args 7.4 GiB, temp 16.1 GiB; 72% headroom of 95 GiB), ~7.6 s/step at peak FLOP/s.
+TODO(planner): v6e-8 and :1b not compiled yet (compile ~18 min each on the shared box):
+  JAX_PLATFORMS=cpu python -m radfm_jax.aot --config=configs/radmd_lora.py:13b --topology=v6e-8 --programs=train
 Expected result: not measured here (no RadMD stores or accelerator). The demo-scale comparison of LoRA
 and full fine-tuning is `python -m radfm_jax.bench.lora` (README).
 """
