@@ -158,6 +158,16 @@ def test_lora_trains_from_the_base_and_resumes_exactly(lora_run):
   assert float(jnp.abs(_flat(r["straight"]["params"])["lm/blocks/q/lora/b"]).max()) > 0
 
 
+def _logits(layout, params, frozen, batch, key=None):
+  """The train step's forward (training.step._hidden) with the LM head applied: logits [B, T, V]."""
+  model = layout.model(params, frozen)
+  if key is not None:
+    lora.set_dropout_keys(model, jax.random.fold_in(key, 1))
+  with sharding.activation_mesh(layout.mesh):
+    return model(batch["inputs"], batch.get("images"), batch.get("image_mask"),
+                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_key=key)
+
+
 def test_dropout_only_with_keys_and_remat_gives_the_same_gradients():
   c = _cfg(dropout=0.5)
   mesh = sharding.make_mesh(c.mesh)
@@ -170,12 +180,12 @@ def test_dropout_only_with_keys_and_remat_gives_the_same_gradients():
     st["params"] = jax.tree.map(lambda x: x + 0.05, st["params"])  # B != 0 so dropout shows
     with jax.set_mesh(mesh):
       batch = train_step.to_global(b, mesh)
-      f = jax.jit(lambda p, k: train_step._forward(layout, p, st["frozen"], batch, k))
+      f = jax.jit(lambda p, k: _logits(layout, p, st["frozen"], batch, k))
       g = jax.jit(jax.grad(lambda p, k: f(p, k).astype(jnp.float32).mean()))
       k1, k2 = jax.random.key(1), jax.random.key(2)
       outs[remat] = jax.tree.map(np.asarray, g(st["params"], k1))
       if remat == "none":
-        plain = jax.jit(lambda p: train_step._forward(layout, p, st["frozen"], batch))
+        plain = jax.jit(lambda p: _logits(layout, p, st["frozen"], batch))
         assert np.array_equal(np.asarray(plain(st["params"])), np.asarray(plain(st["params"])))
         assert not np.allclose(np.asarray(f(st["params"], k1)), np.asarray(f(st["params"], k2)))
         np.testing.assert_array_equal(np.asarray(f(st["params"], k1)), np.asarray(f(st["params"], k1)))
