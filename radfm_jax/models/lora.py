@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from flax import traverse_util
 
 from radfm_jax.models import layers
 
@@ -232,14 +233,8 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, v in flat.items():
-    *head, leaf = path.split("/")
-    d = out
-    for k in head:
-      d = d.setdefault(k, {})
-    d[leaf] = v
-  return out
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}} (flax's traverse_util, as checkpoint.flat_to_nested)."""
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def adapter_paths(params: Mapping[str, Any]) -> list[str]:
