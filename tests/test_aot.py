@@ -180,3 +180,23 @@ def test_model_only_config_plans_generation(v5p):
   res = planner.plan(cfg, topo, devs, buckets=train_data.buckets(cfg, largest_only=True)[:1])
   assert [p["kind"] for p in res["programs"]] == ["generate"] and res["fits"] is True
   assert "model-only config" in res["notes"][0] and res["state_bytes_per_chip"] is None
+
+
+def test_train_and_eval_steps_use_the_pallas_kernel_on_tpu(v5p):
+  """The steps trace under `sharding.activation_mesh` (not `jax.set_mesh`); attention must still see the
+  TPU mesh and lower the LM's self-attention (T a multiple of 128) to the splash kernel, not to XLA."""
+  from radfm_jax.aot import programs
+  from radfm_jax.models import attention as attn_lib
+  _, devs = v5p
+  cfg = tiny.get_config()
+  cfg.data.max_len = cfg.model.lm.max_len = 256
+  cfg.data.len_buckets = (256,)
+  cfg.model.lm.head_dim = 64  # splash tiles: head_dim a multiple of 64
+  mesh = sharding.make_mesh(cfg.mesh, devices=devs)
+  bucket = train_data.buckets(cfg, largest_only=True)[0]
+  progs = programs.build(cfg, mesh, kinds=("train", "eval"), buckets=[bucket])
+  for p in progs:
+    assert "tpu_custom_call" in p.lower().as_text(), p.name
+  assert attn_lib.platform() == "cpu"  # outside the steps: the default backend
+  with sharding.activation_mesh(mesh):
+    assert attn_lib.platform() == "tpu"

@@ -34,17 +34,31 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from radfm_jax import sharding
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 SPLASH_BLOCK = 512  # largest splash tile tried; shrunk to divide T and S (multiples of 128)
 
 
+def _mesh():
+  """The mesh in context: `sharding.activation_mesh`'s (what the train / eval steps and generation enter
+  while tracing) or `jax.set_mesh`'s; None without one."""
+  mesh = sharding.active_mesh()
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty else mesh
+
+
 def platform() -> str:
   """Platform the current trace compiles for: the context mesh's devices (AOT for TPU from a CPU box
   traces under a TPU mesh), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
+  mesh = _mesh()
+  if mesh is not None:
+    devices = getattr(mesh, "devices", None)
+    if devices is not None and getattr(devices, "size", 0):
+      return devices.flat[0].platform
     dev = getattr(mesh, "abstract_device", None)
     if dev is not None and getattr(dev, "platform", None):
       return dev.platform
@@ -140,8 +154,8 @@ def _splash(q, k, v, causal, q_seg, kv_seg, interpret):
     q_seg, kv_seg = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
   q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  names = () if mesh.empty else mesh.axis_names
+  mesh = _mesh()
+  names = () if mesh is None else mesh.axis_names
   batch = tuple(a for a in BATCH_AXES if a in names)
   nb = math.prod(mesh.shape[a] for a in batch) if batch else 1
   batch = batch if batch and b % nb == 0 else ()
@@ -153,7 +167,7 @@ def _splash(q, k, v, causal, q_seg, kv_seg, interpret):
     one = lambda q1, k1, v1, qs, ks: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=qs, kv=ks))
     return jax.vmap(one)(qh, kh_, vh, q_seg, kv_seg)
 
-  if mesh.empty:
+  if mesh is None:
     out = local(qh, kh_, vh, q_seg, kv_seg)
   else:
     bspec = batch if batch else None
