@@ -4,9 +4,9 @@ import pickle
 
 import numpy as np
 import pytest
-import tensorstore as ts
 
 from radfm_jax.data import schema
+from radfm_jax.data import store as store_lib
 from radfm_jax.data.store import Store, StoreWriter, codecs
 
 
@@ -36,7 +36,7 @@ def test_round_trip_dtypes_and_chunks(tmp_path, codec):
     assert got.dtype == a.dtype
     np.testing.assert_array_equal(got, a)
     assert s.volume_meta(k) == {"unit": "raw", "shape": list(a.shape), "dtype": a.dtype.name}
-    raw = ts.open(s.volume_spec(k), read=True).result()        # the raw TensorStore path (benchmarks)
+    raw = store_lib.open_array(s.volume_spec(k), read=True)        # the raw TensorStore path (benchmarks)
     np.testing.assert_array_equal(raw[:5, :5].read().result(), a[:5, :5])
     chunk = raw.chunk_layout.read_chunk.shape
     assert list(chunk) == [min(32, a.shape[0]), min(32, a.shape[1]), min(4, a.shape[2]), a.shape[3]]
@@ -92,3 +92,33 @@ def test_errors(tmp_path):
   with pytest.raises(KeyError, match="no volume 'nope'"):
     Store(str(tmp_path / "y"), {}).volume_meta("nope")
   assert codecs("zstd", np.int16)[-1] == {"name": "zstd", "configuration": {"level": 3}}
+
+
+def test_every_open_shares_the_process_context(tmp_path, monkeypatch):
+  """Reads and writes go through one TensorStore context per process: a context per open (what a
+  "context" member in each spec made) let TensorStore free a thread pool that another thread was still
+  queueing decodes on, which corrupted the heap of the training input path (found with valgrind)."""
+  import concurrent.futures
+  import tensorstore as ts
+  seen = []
+  real_open, real_kv_open = ts.open, ts.KvStore.open
+  monkeypatch.setattr(ts, "open", lambda spec, **kw: seen.append(("array", spec, kw)) or real_open(spec, **kw))
+  monkeypatch.setattr(ts.KvStore, "open", staticmethod(
+      lambda spec, **kw: seen.append(("kv", spec, kw)) or real_kv_open(spec, **kw)))
+  w = StoreWriter(tmp_path / "s")
+  a = np.arange(64 * 64 * 8).reshape(64, 64, 8, 1).astype(np.int16)
+  for i in range(4):
+    w.write_volume(f"v{i}", a + i, {})
+    w.add_record(_record(f"r{i}", f"v{i}"))
+  w.finish({})
+  assert w.check_volume("v1") is None
+  s = Store.open(str(tmp_path / "s"))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(s.read_volume, [f"v{i % 4}" for i in range(64)]))
+  for i, g in enumerate(got):
+    np.testing.assert_array_equal(g, a + i % 4)
+  ctx = store_lib.context()
+  assert ctx is store_lib.context() and len(seen) > 64
+  for kind, spec, kw in seen:
+    assert kw.get("context") is ctx, (kind, spec)
+    assert "context" not in (spec if isinstance(spec, dict) else {}), spec

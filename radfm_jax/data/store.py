@@ -78,6 +78,32 @@ DEFAULT_CHUNKS = (128, 128, 32)
 DEFAULT_CODEC = "blosc:zstd:1:bitshuffle"
 _CONTEXT = {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 2},
             "file_io_concurrency": {"limit": 8}}
+_CONTEXTS: dict[int, ts.Context] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def context() -> ts.Context:
+  """The one TensorStore context of this process (thread pools, no chunk cache), shared by every open.
+
+  Never a context per `ts.open`: TensorStore (0.1.86) then frees the per-open data-copy thread pool while
+  another thread is still queueing a chunk decode on it (a use-after-free that valgrind shows in
+  `TaskGroup::AddTask`), which corrupted the heap of the training input path now and then. Keyed by
+  process id, so a forked worker makes its own."""
+  pid = os.getpid()
+  with _CONTEXTS_LOCK:
+    ctx = _CONTEXTS.get(pid)
+    if ctx is None:
+      ctx = _CONTEXTS[pid] = ts.Context(ts.Context.Spec(_CONTEXT))
+    return ctx
+
+
+def open_kvstore(spec: ts.KvStore.Spec) -> ts.KvStore:
+  return ts.KvStore.open(spec, context=context()).result()
+
+
+def open_array(spec: dict[str, Any], **kwargs: Any) -> ts.TensorStore:
+  """`ts.open(spec, **kwargs)` in the process's shared context."""
+  return ts.open(spec, context=context(), **kwargs).result()
 MANIFEST = ("volumes.jsonl", "records.jsonl", "report.json")
 
 
@@ -132,8 +158,7 @@ def zarr_metadata(shape: Sequence[int], dtype: np.dtype, chunks: Sequence[int], 
 
 
 def _array_spec(base: ts.KvStore.Spec, key: str, metadata: dict | None = None) -> dict[str, Any]:
-  spec: dict[str, Any] = {"driver": "zarr3", "kvstore": (base / f"volumes/{key}/").to_json(),
-                          "context": dict(_CONTEXT)}
+  spec: dict[str, Any] = {"driver": "zarr3", "kvstore": (base / f"volumes/{key}/").to_json()}
   if metadata is not None:
     spec["metadata"] = metadata
   return spec
@@ -182,7 +207,7 @@ class StoreWriter:
     codecs(self.codec, np.int16)  # validate early
     zarr_metadata((1, 1, 1, 1), np.int16, self.chunks, self.codec)
     self._base = kvstore_spec(root)
-    self._kv = ts.KvStore.open(self._base).result()
+    self._kv = open_kvstore(self._base)
     self._lines: list[bytes] = []                 # records, serialized when added
     self._kinds: list[tuple[str, str]] = []       # their (split, task)
     self._keys: dict[str, None] = {}              # referenced volumes, in first-use order
@@ -226,9 +251,9 @@ class StoreWriter:
     # or damaged earlier write is replaced without deleting the volume under a concurrent writer of the
     # same key. Other metadata, or a damaged zarr.json, means starting over.
     try:
-      arr = ts.open({**spec, "create": True, "open": True}).result()
+      arr = open_array({**spec, "create": True, "open": True})
     except ValueError:
-      arr = ts.open({**spec, "create": True, "delete_existing": True}).result()
+      arr = open_array({**spec, "create": True, "delete_existing": True})
     arr.write(np.ascontiguousarray(array)).result()
     entry = {"key": key, "shape": list(array.shape), "dtype": array.dtype.name, "meta": meta,
              "zarr": metadata, "crc32": checksum(array)}
@@ -244,7 +269,7 @@ class StoreWriter:
     if entry is None:
       return "no meta.json"
     try:
-      arr = ts.open(_array_spec(self._base, key), read=True).result().read().result()
+      arr = open_array(_array_spec(self._base, key), read=True).read().result()
     except Exception as e:  # noqa: BLE001 - TensorStore reports damage as ValueError / RuntimeError / ...
       return f"cannot decode ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if list(arr.shape) != entry["shape"] or arr.dtype.name != entry["dtype"]:
@@ -307,7 +332,7 @@ class Store:
 
   @classmethod
   def open(cls, root: str | dict[str, Any]) -> Store:
-    kv = ts.KvStore.open(kvstore_spec(root)).result()
+    kv = open_kvstore(kvstore_spec(root))
     info = _read_json(kv, "info.json")
     if info is None:
       raise FileNotFoundError(f"{root}: no info.json: not a store, or its build did not finish")
@@ -332,7 +357,7 @@ class Store:
     return store
 
   def _kv(self) -> ts.KvStore:
-    return ts.KvStore.open(kvstore_spec(self.root)).result()
+    return open_kvstore(kvstore_spec(self.root))
 
   def records(self, split: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
     if self._records is None:
@@ -367,11 +392,12 @@ class Store:
     return {**entry["meta"], "shape": list(entry["shape"]), "dtype": entry["dtype"]}
 
   def volume_spec(self, key: str) -> dict[str, Any]:
-    """TensorStore spec of volume `key` with its metadata assumed (no metadata read on open)."""
+    """TensorStore spec of volume `key` with its metadata assumed (no metadata read on open); open it with
+    `open_array` (the shared context)."""
     spec = _array_spec(kvstore_spec(self.root), key, self._entry(key)["zarr"])
     spec["assume_metadata"] = True
     return spec
 
   def read_volume(self, key: str) -> np.ndarray:
     """Volume `key` as a NumPy array [H, W, D, C] in its stored dtype."""
-    return ts.open(self.volume_spec(key), read=True).result().read().result()
+    return open_array(self.volume_spec(key), read=True).read().result()

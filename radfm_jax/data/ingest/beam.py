@@ -33,11 +33,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import tensorstore as ts
-
 from radfm_jax.data import readers, schema
 from radfm_jax.data.ingest import build, sources
-from radfm_jax.data.store import EmptyBuild, Store, StoreWriter, kvstore_spec
+from radfm_jax.data.store import EmptyBuild, Store, StoreWriter, kvstore_spec, open_kvstore
 
 MISSING = ("--runner=beam needs Apache Beam, which lives in its own venv (protobuf < 7, while the tokenizer "
            "needs protobuf 7): `make setup` builds .venv-beam from requirements-beam.txt; run "
@@ -175,7 +173,7 @@ def commit(_: Any, outcomes: list, stats: list, skipped: list, entries: list, cf
   try:
     build.commit(writer, report, cfg.allow_empty)
   except EmptyBuild as e:                           # the store is left as it was; the launcher raises it
-    kv = ts.KvStore.open(kvstore_spec(cfg.out)).result()
+    kv = open_kvstore(kvstore_spec(cfg.out))
     kv.write(cfg.refused_key, json.dumps({"error": str(e), "report": report}).encode()).result()
   return report
 
@@ -225,7 +223,7 @@ def ingest(shards: list[sources.Shard], *, src_root: str, out: Any, chunks: tupl
       else list(beam_options)
   with beam.Pipeline(options=PipelineOptions(args)) as p:
     build_pipeline(p, shards, cfg)
-  kv = ts.KvStore.open(kvstore_spec(out)).result()
+  kv = open_kvstore(kvstore_spec(out))
   refused = kv.read(cfg.refused_key).result()
   if refused.state == "value":
     kv.write(cfg.refused_key, None).result()           # deletes it
