@@ -200,3 +200,30 @@ def test_train_and_eval_steps_use_the_pallas_kernel_on_tpu(v5p):
   assert attn_lib.platform() == "cpu"  # outside the steps: the default backend
   with sharding.activation_mesh(mesh):
     assert attn_lib.platform() == "tpu"
+
+
+SHIPPED = [("demo", None), ("bench_cpu", None), ("tiny", None), ("radfm_13b", None), ("radfm_1b", None),
+           ("medmd_pretrain", "13b"), ("medmd_pretrain", "1b"), ("radmd_finetune", "13b"),
+           ("radmd_finetune", "1b"), ("radmd_lora", "13b"), ("radmd_lora", "1b")]
+
+
+def test_every_shipped_config_plans(v5p):
+  """Every config in configs/ that defines get_config is planned (shapes, state, times; no compile) on
+  v5p-8 without an error: the planner runs for every shipped config."""
+  import importlib
+  import pkgutil
+  import configs
+  shipped = {m.name for m in pkgutil.iter_modules(configs.__path__)
+             if hasattr(importlib.import_module(f"configs.{m.name}"), "get_config")}
+  assert shipped == {name for name, _ in SHIPPED}, shipped
+  topo, devs = v5p
+  for name, arg in SHIPPED:
+    cfg = importlib.import_module(f"configs.{name}").get_config(arg)
+    res = planner.plan(cfg, topo, devs, compile=False)
+    assert res["programs"], (name, arg)
+    for p in res["programs"]:
+      assert p["step_s_at_40_mfu"] > 0, (name, arg, p["name"])
+    if "optim" in cfg:
+      assert res["state_bytes_per_chip"] > 0, (name, arg)
+    else:
+      assert {p["kind"] for p in res["programs"]} == {"generate"}, (name, arg)
