@@ -9,15 +9,16 @@ chance), built with its tokenizer on first use under data_cache/. Model: 1.5M pa
 architecture at small sizes (3D ViT with 16x16x4 patches on 64x64x8 inputs, perceiver resampler with 8
 latents, 3-layer LLaMA), bf16 compute with fp32 params.
 
-Expected on 2 CPU cores (measured): 600 steps in ~5 minutes (0.42-0.45 s/step, ~2000 text tokens/s);
-the demo store (n=1000) builds in ~25 s on first use. Result: validation loss 0.162 per answer token;
-closed image-dependent questions (n=89) answered exactly 70.8% (val) / 68.5% (test) against 46% for
-the text-only prior (most frequent training answer per question) and 46% chance; modality questions
-100% (measured at commit 17b3f7f; a change to the traced program moves float rounding and these figures).
+Expected on 2 CPU cores (measured): 600 steps in ~5 minutes on a quiet machine (766-770 s for two runs at
+once beside a TPU compile); the demo store (n=1000) builds in ~25 s on first use. Result: validation loss
+0.162 per answer token; closed image-dependent questions (n=89) answered exactly 68.5% (val) / 62.9% (test)
+against 46% for the text-only prior (most frequent training answer per question) and 46% chance; modality
+questions 100% (measured at commit de503b4; a change to the traced program moves float rounding and these
+figures).
 
-Determinism (README, "The demo"): the arithmetic is bit-stable under load (identical losses and batches, 0 or 1
-workers), but 5 of 7 runs on the loaded 2-core machine died of heap corruption in the input path, one after its
-losses had silently drifted: the likely source of a 69.7% / 65.2% once seen. Not yet fixed.
+Determinism (README, "The demo"): bit-identical figures run to run, also for two runs at once under load
+(losses, accuracies and RadBench metrics). The heap corruption that used to kill or perturb runs was a
+TensorStore use-after-free triggered by a context per volume read (data/store.py now shares one per process).
 """
 import ml_collections
 
