@@ -4,8 +4,8 @@ r"""Training throughput: the jitted step alone (MFU against a matmul probe of th
   python -m radfm_jax.bench.train --config=configs/bench_cpu.py [--steps=8] [--trainer --workers=0,1]
 
 Step alone: the train step of `radfm_jax.training.step` (sharded, donated state) on one pipeline-shaped synthetic
-batch (one image block, answer tokens in the last quarter of each row), timed over --steps steps after
-compilation. MFU = analytic model FLOPs (radfm_jax.training.metrics.train_flops) / step time / peak; on CPU the
+batch (one image block, answer tokens in the last quarter of each row): compiled, one warm-up step (timed
+apart: on CPU the first run after compiling is 2-3x slower), then the median of --steps timed steps. MFU = analytic model FLOPs (radfm_jax.training.metrics.train_flops) / step time / peak; on CPU the
 peak is a bf16-in / f32-accumulate matmul probe (the model's precision) measured before and after the
 steps (their mean; both printed: the machine may be shared), on TPU/GPU the chip table.
 Trainer: --steps steps in a temporary workdir; the table holds the steady-state medians of the logged
@@ -76,19 +76,27 @@ def measure_step(cfg, steps: int) -> dict[str, float]:
     state, m = step(state, batch)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
+  # The first run after compiling is 2-3x slower on CPU (buffers first touched, kernels set up): timed
+  # alone as "warm-up", not averaged in.
+  t0 = time.perf_counter()
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  warmup_s = time.perf_counter() - t0
   probe_dtype = cfg.model.dtype
   peak0, src = metrics.peak_flops(probe_dtype)
-  t0 = time.perf_counter()
+  times = []
   for _ in range(steps):
+    t0 = time.perf_counter()
     state, m = step(state, batch)
-  jax.block_until_ready(m)
-  step_s = (time.perf_counter() - t0) / steps
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
   peak1, _ = metrics.peak_flops(probe_dtype)
   towers = train_state.trainable_towers(state["params"])
   flops = metrics.train_flops(cfg.model, batch=host["inputs"].shape[0], seq_len=host["inputs"].shape[1],
                               image_shape=tuple(host["images"].shape[1:5]), trainable=towers)
   peak = (peak0 + peak1) / 2
-  return {"compile_s": compile_s, "step_s": step_s, "tflops": flops / step_s / 1e12, "peak0": peak0,
+  return {"compile_s": compile_s, "warmup_s": warmup_s, "step_s": step_s, "tflops": flops / step_s / 1e12, "peak0": peak0,
           "peak1": peak1, "mfu": flops / step_s / peak if peak else 0.0, "peak_src": src,
           "loss": float(m["loss"])}
 
@@ -125,9 +133,10 @@ def main(argv: Sequence[str]) -> None:
   r = measure_step(cfg, _STEPS.value)
   print(f"\nradfm_jax.bench.train (step alone, {_STEPS.value} steps): {head}")
   print(f"peak: {r['peak_src']}; probe before {r['peak0'] / 1e9:.0f}, after {r['peak1'] / 1e9:.0f} GFLOP/s\n")
-  print("| compile s | step s | model TFLOP/s | MFU (vs same-run probe) | loss |")
-  print("|---|---|---|---|---|")
-  print(f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tflops']:.3f} | {r['mfu']:.1%} | {r['loss']:.3f} |")
+  print("| compile s | warm-up step s | step s (median) | model TFLOP/s | MFU (vs same-run probe) | loss |")
+  print("|---|---|---|---|---|---|")
+  print(f"| {r['compile_s']:.1f} | {r['warmup_s']:.2f} | {r['step_s']:.3f} | {r['tflops']:.3f} | {r['mfu']:.1%} | "
+        f"{r['loss']:.3f} |")
   if _TRAINER.value:
     rows = [(int(w), measure_trainer(cfg, max(_STEPS.value, 12), int(w))) for w in _WORKERS.value]
     print(f"\nradfm_jax.bench.train (trainer with Grain input): {head}\n")
