@@ -13,15 +13,16 @@ at STORES_ROOT/tokenizer.model. Launch one process per host (TPU pod slices need
 Schedule (our choice; RadFM's release does not fix one): 60k steps x 256 samples (~1 pass over MedMD's
 ~16M samples), AdamW lr 5e-5 (13B) / 1e-4 (1B), 2k warmup, cosine to 10%, clip 1.0.
 
-Where it runs (python -m radfm_jax.aot --config=configs/medmd_pretrain.py:SIZE --topology=T; README "Scale"):
-  13b on v5p-128 (64 chips, 16 hosts), mesh fsdp=64, microbatches 1, remat full: train state 2.3 GiB/chip;
-    the 2D step (256 x 2048 tokens, 10 images 512x512x4) passed the TPU compiler's HBM assignment with a
-    memory-scheduler peak of 13.2 GiB of 95 (codegen did not finish within 50 min on the shared 2-core box).
-    Step at 40% MFU: 3.58 s (2D) / 0.92 s (3D, 64 x 10 volumes 256x256x64); one MedMD epoch (16M samples,
-    20% 3D, every batch at its largest bucket: an upper bound) 2.6 days.
+Where it runs (python -m radfm_jax.aot --config=configs/medmd_pretrain.py:SIZE --topology=T; README "Scale",
+compiled by libtpu for the topology on a CPU machine; GiB per chip = peak + arguments, 1 GiB = 2**30 B):
+  13b on v5p-128 (64 chips, 16 hosts), mesh fsdp=64, microbatches 1, remat full (the defaults): 2D step
+    (256 x 2048 tokens, 10 images 512x512x4) 12.4 GiB of 95 (87% free), 3D step (64 x 10 volumes
+    256x256x64) 10.0 GiB. Step at 40% MFU: 3.58 s (2D) / 0.92 s (3D); one MedMD epoch (16M samples, 20% 3D,
+    every batch at its largest bucket: an upper bound) 2.6 days. Also compiled: v5p-32 49.7 GiB (48% free),
+    v5p-256 with --config.mesh.fsdp=64 --config.mesh.tensor=2 8.3 GiB, v6e-64 12.3 GiB of 32.
   1b on v5p-8 (4 chips, one host), mesh fsdp=4, microbatches 8 (the default for 1b), remat dots: 2D step
-    compiled: 45.5 GiB per chip of 95 (52% free; 1 GiB = 2**30 B), 44 min compile here. Step at 40% MFU
-    5.25 s / 1.66 s; epoch <= 4.0 days. With microbatches 1 the 2D step needs 210 GiB per chip.
+    38.4 GiB per chip of 95 (60% free); on v6e-8 19.8 GiB of 32 (38% free). Step at 40% MFU 5.25 s /
+    1.66 s on v5p-8; epoch <= 4.0 days. With microbatches 1 the 2D step needs 210 GiB per chip.
   Bigger slices: fewer microbatches (data x fsdp x microbatches must divide the 3D batch of 64) and, past 64
   chips, tensor parallelism (--config.mesh.fsdp=64 --config.mesh.tensor=2|4): the README table.
 
