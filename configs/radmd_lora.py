@@ -23,11 +23,11 @@ Per-chip memory (analytic, not compiled): 13B frozen bf16 weights 26.2 GB + trai
 and gradients 1.7 GB = 27.8 GB of state, fsdp over v5p-8's 4 chips -> ~7 GB/chip (v6e-8, 8 chips: ~3.5
 GB/chip), the rest of the HBM (v5p 95 GB, v6e 32 GB per chip) for activations (remat "full").
 Planner (compiled for TPU from this CPU box: `JAX_PLATFORMS=cpu python -m radfm_jax.aot
---config=configs/radmd_lora.py:13b --topology=v5p-8 --programs=train --groups=0`, 2D batch at the largest
-bucket, 16 rows x 2048 tokens x 10 image slots per microbatch): 13B on v5p-8 FITS at 26.4 GiB/chip (peak +
-args; args 7.4 GiB, temp 16.1 GiB; 72% headroom of 95 GiB), ~7.6 s/step at peak FLOP/s.
-TODO(planner): v6e-8 and :1b not compiled yet (compile ~18 min each on the shared box):
-  JAX_PLATFORMS=cpu python -m radfm_jax.aot --config=configs/radmd_lora.py:13b --topology=v6e-8 --programs=train
+--config=configs/radmd_lora.py:13b --topology=v6e-8 --programs=train --groups=0`, 2D batch at the largest
+bucket, 16 rows x 2048 tokens x 10 image slots per microbatch): 13B on one v6e-8 host FITS at 12.6 GiB/chip
+of 32 (peak + args; args 3.9 GiB, temp 5.7 GiB; 61% free), 3.56 s/step at 40% MFU; on v5p-8 26.4 GiB/chip
+of 95 (72% free; compiled before attention found the step's mesh, so with XLA attention: an upper bound).
+The full 13B fine-tune on v6e-8 does not fit (44.3 GiB/chip, README "Scale"): on one host, use LoRA.
 Expected result: not measured here (no RadMD stores or accelerator). The demo-scale comparison of LoRA
 and full fine-tuning is `python -m radfm_jax.bench.lora` (README).
 """
