@@ -25,8 +25,8 @@ GB/chip), the rest of the HBM (v5p 95 GB, v6e 32 GB per chip) for activations (r
 Planner (compiled for TPU from this CPU box: `JAX_PLATFORMS=cpu python -m radfm_jax.aot
 --config=configs/radmd_lora.py:13b --topology=v6e-8 --programs=train --groups=0`, 2D batch at the largest
 bucket, 16 rows x 2048 tokens x 10 image slots per microbatch): 13B on one v6e-8 host FITS at 12.6 GiB/chip
-of 32 (peak + args; args 3.9 GiB, temp 5.7 GiB; 61% free), 3.56 s/step at 40% MFU; on v5p-8 26.4 GiB/chip
-of 95 (72% free; compiled before attention found the step's mesh, so with XLA attention: an upper bound).
+of 32 (peak + args; args 3.9 GiB, temp 5.7 GiB; 61% free), 3.56 s/step at 40% MFU; on one v5p-8 host
+22.8 GiB/chip of 95 (76% free), 14.3 s/step at 40% MFU.
 The full 13B fine-tune on v6e-8 does not fit (44.3 GiB/chip, README "Scale"): on one host, use LoRA.
 Expected result: not measured here (no RadMD stores or accelerator). The demo-scale comparison of LoRA
 and full fine-tuning is `python -m radfm_jax.bench.lora` (README).
