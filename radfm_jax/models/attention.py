@@ -56,9 +56,8 @@ def platform() -> str:
   traces under a TPU mesh), else the default backend."""
   mesh = _mesh()
   if mesh is not None:
-    devices = getattr(mesh, "devices", None)
-    if devices is not None and getattr(devices, "size", 0):
-      return devices.flat[0].platform
+    if isinstance(mesh, jax.sharding.Mesh):  # concrete devices (an AbstractMesh raises on .devices)
+      return mesh.devices.flat[0].platform
     dev = getattr(mesh, "abstract_device", None)
     if dev is not None and getattr(dev, "platform", None):
       return dev.platform
