@@ -5,9 +5,10 @@ r"""Training throughput: the jitted step alone (MFU against a matmul probe of th
 
 Step alone: the train step of `radfm_jax.training.step` (sharded, donated state) on one pipeline-shaped synthetic
 batch (one image block, answer tokens in the last quarter of each row): compiled, one warm-up step (timed
-apart: on CPU the first run after compiling is 2-3x slower), then the median of --steps timed steps. MFU = analytic model FLOPs (radfm_jax.training.metrics.train_flops) / step time / peak; on CPU the
-peak is a bf16-in / f32-accumulate matmul probe (the model's precision) measured before and after the
-steps (their mean; both printed: the machine may be shared), on TPU/GPU the chip table.
+apart: on CPU the first run after compiling is 2-3x slower), then the median of --steps timed steps.
+MFU = analytic model FLOPs (radfm_jax.training.metrics.train_flops) / step time / peak; on CPU the peak is a
+bf16-in / f32-accumulate matmul probe (the model's precision) measured before and after the steps (their
+mean; both printed: the machine may be shared), on TPU/GPU the chip table.
 Trainer: --steps steps in a temporary workdir; the table holds the steady-state medians of the logged
 figures (the first step, which compiles, is reported separately).
 """
@@ -96,8 +97,8 @@ def measure_step(cfg, steps: int) -> dict[str, float]:
   flops = metrics.train_flops(cfg.model, batch=host["inputs"].shape[0], seq_len=host["inputs"].shape[1],
                               image_shape=tuple(host["images"].shape[1:5]), trainable=towers)
   peak = (peak0 + peak1) / 2
-  return {"compile_s": compile_s, "warmup_s": warmup_s, "step_s": step_s, "tflops": flops / step_s / 1e12, "peak0": peak0,
-          "peak1": peak1, "mfu": flops / step_s / peak if peak else 0.0, "peak_src": src,
+  return {"compile_s": compile_s, "warmup_s": warmup_s, "step_s": step_s, "tflops": flops / step_s / 1e12,
+          "peak0": peak0, "peak1": peak1, "mfu": flops / step_s / peak if peak else 0.0, "peak_src": src,
           "loss": float(m["loss"])}
 
 

@@ -98,12 +98,15 @@ def context() -> ts.Context:
 
 
 def open_kvstore(spec: ts.KvStore.Spec) -> ts.KvStore:
+  """`ts.KvStore.open(spec)` in the process's shared context."""
   return ts.KvStore.open(spec, context=context()).result()
 
 
 def open_array(spec: dict[str, Any], **kwargs: Any) -> ts.TensorStore:
   """`ts.open(spec, **kwargs)` in the process's shared context."""
   return ts.open(spec, context=context(), **kwargs).result()
+
+
 MANIFEST = ("volumes.jsonl", "records.jsonl", "report.json")
 
 
